@@ -1,0 +1,116 @@
+"""The ``sar-kd`` command: ``train`` and ``apply-router``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from .config import ConfigError, config_from_args
+
+logger = logging.getLogger("sar_kd")
+
+
+def _setup_logging() -> None:
+    import os
+
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("transformers", "datasets", "accelerate", "httpx", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def train_main(argv: list[str] | None = None, prog: str = "sar-kd train") -> int:
+    """Parse flags and run one training job; returns the exit code."""
+    from .trainer import Trainer
+
+    cfg = config_from_args(argv, prog=prog)
+    Trainer(cfg).run()
+    return 0
+
+
+def apply_router_main(argv: list[str] | None = None) -> int:
+    """Write the adapted teacher: the original with the routers from ``router_update.pt``."""
+    import torch
+
+    from .loading import load_model, load_tokenizer
+    from .routers import apply_router_update
+
+    p = argparse.ArgumentParser(prog="sar-kd apply-router", description=apply_router_main.__doc__)
+    p.add_argument("--teacher_model", required=True, help="The original teacher (hub id or local directory).")
+    p.add_argument("--router_update", required=True, help="router_update.pt written by sar-kd train.")
+    p.add_argument("--output_dir", required=True, help="Where the adapted teacher is written.")
+    p.add_argument("--router_patterns", nargs="+", default=None, help="Same as used for training, if any.")
+    p.add_argument("--overwrite_output_dir", action="store_true", help="Replace an existing output directory.")
+    p.add_argument("--trust_remote_code", action="store_true", help="Allow custom model code.")
+    a = p.parse_args(argv)
+    out = Path(a.output_dir)
+    if out.exists() and any(out.iterdir()) and not a.overwrite_output_dir:
+        raise ConfigError(f"--output_dir {out} is not empty: pass --overwrite_output_dir or choose another")
+    upd_path = Path(a.router_update)
+    if not upd_path.is_file():
+        raise ConfigError(f"--router_update {upd_path}: no such file")
+    try:
+        update = torch.load(upd_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"--router_update {upd_path}: not a readable router update ({type(e).__name__})") from e
+    if not isinstance(update, dict) or not all(isinstance(v, torch.Tensor) for v in update.values()):
+        raise ConfigError(f"--router_update {upd_path}: expected a dict of tensors")
+    teacher = load_model(a.teacher_model, "teacher", "auto", a.trust_remote_code)
+    n = apply_router_update(teacher, update, a.router_patterns)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    teacher.save_pretrained(tmp)
+    try:
+        load_tokenizer(a.teacher_model, "teacher", a.trust_remote_code).save_pretrained(tmp)
+    except ConfigError:
+        logger.warning("teacher has no loadable tokenizer; writing the model only")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    logger.info("wrote adapted teacher (%d router tensors replaced) to %s", n, out)
+    return 0
+
+
+COMMANDS = {
+    "train": ("Train a student and the teacher's routers (same flags as train_sar_kd.py).", train_main),
+    "apply-router": ("Write the teacher with trained routers applied.", apply_router_main),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = ["usage: sar-kd COMMAND [options]", "", "commands:"]
+        lines += [f"  {name:14s}{desc}" for name, (desc, _) in COMMANDS.items()]
+        print("\n".join(lines), file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"sar-kd: error: unknown command {argv[0]!r}", file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    _setup_logging()
+    name, rest = argv[0], argv[1:]
+    try:
+        return COMMANDS[name][1](rest)
+    except ConfigError as e:
+        print(f"sar-kd {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def train_script() -> int:
+    """Entry of ``train_sar_kd.py`` (the spec's command)."""
+    _setup_logging()
+    try:
+        return train_main(sys.argv[1:], prog="train_sar_kd.py")
+    except ConfigError as e:
+        print(f"train_sar_kd.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

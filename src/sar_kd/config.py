@@ -1,0 +1,287 @@
+"""The one configuration object of a SAR-KD run.
+
+Every option lives in :class:`TrainConfig`; its field metadata is the ``--help`` text. The CLI
+(``sar-kd train`` / ``train_sar_kd.py``), a JSON config file (``--config``) and the Python API
+all fill the same object, and :func:`validate_config` checks it once, reporting every problem
+together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TEACHER = "huihui-ai/Huihui-MoE-1B-A0.6B"
+DEFAULT_STUDENT = "HuggingFaceTB/SmolLM-135M"
+
+ROUTER_GRAD_MODES = ("straight_through", "dense", "native")
+MODEL_DTYPES = ("float32", "float16", "bfloat16")
+SCHEDULER_TYPES = ("linear", "cosine")
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the CLI prints it on one line and exits 2."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """All options of a SAR-KD training run."""
+
+    # Models
+    teacher_model: str = _f(DEFAULT_TEACHER, "MoE teacher: hub id or local directory.")
+    student_model: str = _f(DEFAULT_STUDENT, "Dense student: hub id or local directory.")
+    model_dtype: str = _f(
+        "float32",
+        "Compute precision. float16/bfloat16 keep fp32 master weights for everything trained "
+        "(student, routers, projection), store the frozen teacher weights in that dtype and run the "
+        "compute under autocast; float16 uses a GradScaler and needs a CUDA GPU.",
+        choices=MODEL_DTYPES,
+    )
+    cpu: bool = _f(False, "Run on the CPU even if a GPU is available.")
+    trust_remote_code: bool = _f(False, "Allow model repositories with custom code.")
+
+    # Data
+    dataset_name: str | None = _f(None, "A `datasets` dataset name (e.g. wikitext).")
+    dataset_config_name: str | None = _f(None, "The dataset's configuration (e.g. wikitext-103-raw-v1).")
+    train_file: str | None = _f(None, "Local training text: .txt (one document per line) or .jsonl.")
+    validation_file: str | None = _f(None, "Local validation text: .txt or .jsonl.")
+    text_column: str = _f("text", "Column / JSON key holding the text.")
+    validation_split_percentage: float = _f(
+        5.0, "Without a validation split or file, hold out this percentage of the training blocks."
+    )
+    block_size: int = _f(1024, "Tokens per training block (text is packed, no padding).")
+    max_train_samples: int | None = _f(None, "Cap on training documents (for quick runs).")
+
+    # Optimisation
+    train_steps: int = _f(1000, "Number of optimizer updates (not micro-batches).")
+    per_device_batch_size: int = _f(1, "Blocks per micro-batch per process.")
+    grad_accum_steps: int = _f(8, "Micro-batches accumulated per optimizer update.")
+    student_lr: float = _f(1e-4, "AdamW learning rate of the student (and the projection).")
+    router_lr: float = _f(5e-4, "AdamW learning rate of the teacher's routers.")
+    weight_decay: float = _f(0.0, "AdamW weight decay (student; routers use the L2 anchor instead).")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 disables clipping).")
+    use_scheduler: bool = _f(False, "Enable a learning-rate schedule sized in optimizer steps.")
+    warmup_steps: int = _f(0, "Warm-up optimizer steps of the schedule.")
+    scheduler_type: str = _f("linear", "Schedule after warm-up.", choices=SCHEDULER_TYPES)
+    gradient_checkpointing: bool = _f(
+        True,
+        "Checkpoint student and teacher decoder layers (the frozen teacher too, since the router "
+        "backward needs its activations). Disable with --no_gradient_checkpointing.",
+    )
+    seed: int = _f(42, "Random seed.")
+
+    # Distillation objective
+    temperature: float = _f(2.0, "KD softmax temperature T (loss is scaled by T^2).")
+    alpha_kd: float = _f(0.9, "Weight of the distillation term (logit KL, or hidden-state MSE in dual mode).")
+    alpha_ce: float = _f(0.1, "Weight of the student's cross-entropy on the labels.")
+    kd_chunk_size: int = _f(
+        256, "Tokens per chunk of the vocabulary-wide losses; full-sequence logits are never materialised."
+    )
+    hidden_layer_pairs: str = _f(
+        "-1:-1",
+        "Dual-tokenizer mode: comma-separated teacher_layer:student_layer hidden-state pairs "
+        "(indices into hidden_states, -1 = last).",
+    )
+
+    # Routers
+    router_grad: str = _f(
+        "straight_through",
+        "How the router gets gradient: straight_through (forward unchanged, gradient through the "
+        "routing probabilities), dense (soft mixture of all experts while training), native "
+        "(the model as is; top-1 renormalised routing then gives the router no gradient).",
+        choices=ROUTER_GRAD_MODES,
+    )
+    router_patterns: list[str] | None = _f(
+        None, "Regexes on module names that narrow or override router discovery (validated by shape)."
+    )
+    router_anchor_weight: float = _f(1e-4, "L2 anchor of the routers to their initial weights.")
+    router_entropy_weight: float = _f(1e-4, "Bonus for higher routing entropy.")
+    router_load_balance_weight: float = _f(1e-3, "Switch-style load-balance penalty.")
+    router_teacher_ce_weight: float = _f(
+        0.0,
+        "Teacher's own CE on the labels, gradient to the routers only: holds the teacher to the data "
+        "while the KD term pulls it toward the student.",
+    )
+
+    # Evaluation, logging, saving
+    eval_steps: int = _f(200, "Evaluate every N optimizer steps (and at step 0); 0 disables.")
+    eval_max_batches: int | None = _f(None, "Batches per evaluation (default: the whole validation split).")
+    logging_steps: int = _f(1, "Log metrics every N optimizer steps.")
+    save_steps: int = _f(500, "Write OUTPUT/checkpoint-STEP every N optimizer steps; 0 disables.")
+    save_total_limit: int | None = _f(None, "Keep only the newest N checkpoints.")
+    output_dir: str = _f("outputs/sar_kd", "Where the student, router update and metrics go.")
+    overwrite_output_dir: bool = _f(False, "Allow writing into an output directory holding another run.")
+    resume_from_checkpoint: str | None = _f(None, "Checkpoint directory to resume from, or 'latest'.")
+    report_to: str = _f("none", "Experiment tracker.", choices=REPORT_TO)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.per_device_batch_size * self.grad_accum_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, is_list) of a field annotation such as ``int | None`` or ``list[str] | None``."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0]
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def build_parser(prog: str = "sar-kd train") -> argparse.ArgumentParser:
+    """An argparse parser generated from :class:`TrainConfig` (help text = field metadata)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Student-aware router knowledge distillation: train a dense student and the MoE teacher's routers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="JSON file of options; command-line flags override it.")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        tp, is_list = _base_type(hints[f.name])
+        help_text = f.metadata["help"]
+        if tp is bool:
+            if f.default:
+                parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=help_text)
+            else:
+                parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
+            continue
+        kwargs: dict[str, Any] = {"type": tp, "help": help_text, "default": f.default}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if is_list:
+            kwargs["nargs"] = "+"
+        parser.add_argument(f"--{f.name}", **kwargs)
+    return parser
+
+
+def config_from_args(argv: list[str] | None = None, prog: str = "sar-kd train") -> TrainConfig:
+    """Parse the command line (and an optional ``--config`` JSON file) into a validated config."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    values = {k: v for k, v in vars(args).items() if k != "config"}
+    if args.config:
+        try:
+            file_values = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--config {args.config}: cannot read JSON ({e}).") from e
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(file_values) - names)
+        if unknown:
+            raise ConfigError(f"--config {args.config}: unknown option(s) {', '.join(unknown)}.")
+        defaults = vars(parser.parse_args([]))
+        # A flag given on the command line wins over the file; the file wins over defaults.
+        for k, v in file_values.items():
+            if values[k] == defaults[k]:
+                values[k] = v
+    cfg = TrainConfig(**values)
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Check every option at once; raise :class:`ConfigError` listing all problems."""
+    problems: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            problems.append(msg)
+
+    for name in ("block_size", "train_steps", "per_device_batch_size", "grad_accum_steps", "kd_chunk_size"):
+        need(getattr(cfg, name) > 0, f"--{name} must be > 0 (got {getattr(cfg, name)})")
+    for name in ("student_lr", "router_lr", "weight_decay", "max_grad_norm", "warmup_steps", "eval_steps"):
+        need(getattr(cfg, name) >= 0, f"--{name} must be >= 0 (got {getattr(cfg, name)})")
+    for name in (
+        "alpha_kd",
+        "alpha_ce",
+        "router_anchor_weight",
+        "router_entropy_weight",
+        "router_load_balance_weight",
+        "router_teacher_ce_weight",
+    ):
+        need(getattr(cfg, name) >= 0, f"--{name} must be >= 0 (got {getattr(cfg, name)})")
+    need(cfg.save_steps >= 0, f"--save_steps must be >= 0 (got {cfg.save_steps})")
+    need(cfg.logging_steps > 0, f"--logging_steps must be > 0 (got {cfg.logging_steps})")
+    need(cfg.temperature > 0, f"--temperature must be > 0 (got {cfg.temperature})")
+    need(cfg.alpha_kd + cfg.alpha_ce > 0, "--alpha_kd and --alpha_ce are both 0: the student has nothing to learn")
+    need(
+        cfg.eval_max_batches is None or cfg.eval_max_batches > 0,
+        f"--eval_max_batches must be > 0 (got {cfg.eval_max_batches})",
+    )
+    need(
+        cfg.save_total_limit is None or cfg.save_total_limit > 0,
+        f"--save_total_limit must be > 0 (got {cfg.save_total_limit})",
+    )
+    need(
+        0 <= cfg.validation_split_percentage < 100,
+        f"--validation_split_percentage must be in [0, 100) (got {cfg.validation_split_percentage})",
+    )
+    need(cfg.router_grad in ROUTER_GRAD_MODES, f"--router_grad must be one of {ROUTER_GRAD_MODES}")
+    need(cfg.model_dtype in MODEL_DTYPES, f"--model_dtype must be one of {MODEL_DTYPES}")
+    need(cfg.scheduler_type in SCHEDULER_TYPES, f"--scheduler_type must be one of {SCHEDULER_TYPES}")
+    need(cfg.report_to in REPORT_TO, f"--report_to must be one of {REPORT_TO}")
+    need(
+        not (cfg.warmup_steps and not cfg.use_scheduler),
+        "--warmup_steps needs --use_scheduler (without it the learning rate is constant)",
+    )
+    need(
+        cfg.use_scheduler is False or cfg.warmup_steps <= cfg.train_steps,
+        f"--warmup_steps ({cfg.warmup_steps}) exceeds --train_steps ({cfg.train_steps})",
+    )
+    has_hub = cfg.dataset_name is not None
+    has_files = cfg.train_file is not None
+    need(has_hub or has_files, "no training data: give --dataset_name or --train_file")
+    need(not (has_hub and has_files), "give either --dataset_name or --train_file, not both")
+    need(
+        cfg.dataset_config_name is None or has_hub,
+        "--dataset_config_name needs --dataset_name",
+    )
+    for name in ("train_file", "validation_file"):
+        path = getattr(cfg, name)
+        if path is not None:
+            p = Path(path)
+            need(p.is_file(), f"--{name} {path}: no such file")
+            need(p.suffix in (".txt", ".jsonl", ".json"), f"--{name} {path}: must be .txt or .jsonl")
+    try:
+        parse_layer_pairs(cfg.hidden_layer_pairs)
+    except ConfigError as e:
+        problems.append(str(e))
+    if cfg.router_patterns is not None:
+        import re
+
+        for pat in cfg.router_patterns:
+            try:
+                re.compile(pat)
+            except re.error as e:
+                problems.append(f"--router_patterns {pat!r} is not a valid regex ({e})")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def parse_layer_pairs(spec: str) -> list[tuple[int, int]]:
+    """Parse ``"-1:-1,6:4"`` into ``[(-1, -1), (6, 4)]`` (teacher layer, student layer)."""
+    pairs = []
+    for part in spec.split(","):
+        try:
+            t, s = part.split(":")
+            pairs.append((int(t), int(s)))
+        except ValueError:
+            raise ConfigError(
+                f"--hidden_layer_pairs {spec!r}: expected teacher:student integer pairs like '-1:-1,6:4'"
+            ) from None
+    return pairs

@@ -1,0 +1,155 @@
+"""Loss functions of SAR-KD: pure functions of tensors.
+
+Conventions: softmax and log-softmax run in fp32; positions whose label is ``IGNORE_INDEX`` (-100)
+are excluded; functions return **sums over valid tokens** unless they say otherwise, so the trainer
+can normalise by the number of valid tokens of a whole accumulation window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .routers import RouterRecord
+
+IGNORE_INDEX = -100
+
+
+def shift_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token labels for causal LM losses: ``labels[:, i] = input_ids[:, i + 1]``.
+
+    (B, T) -> (B, T). The last position and padded positions get ``IGNORE_INDEX``. This is the only
+    place in SAR-KD where labels are shifted; losses then compare logits[:, i] with labels[:, i].
+    """
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:, :-1] = input_ids[:, 1:]
+    if attention_mask is not None:
+        valid = attention_mask.bool()
+        labels[:, :-1] = labels[:, :-1].masked_fill(~(valid[:, :-1] & valid[:, 1:]), IGNORE_INDEX)
+    return labels
+
+
+def kd_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Temperature-scaled KL(teacher ‖ student), summed over valid tokens.
+
+    student_logits, teacher_logits: (N, V); labels: (N,) with ``IGNORE_INDEX`` marking excluded
+    positions (only the mask is used). Returns ``T² · Σ_valid KL(softmax(t/T) ‖ softmax(s/T))``, a
+    scalar; identical inputs give 0.
+    """
+    valid = labels != IGNORE_INDEX
+    s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    return temperature**2 * kl.masked_fill(~valid, 0.0).sum()
+
+
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over valid tokens. logits (N, V), labels (N,) already shifted."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_lm_losses(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    student_head: Callable[[torch.Tensor], torch.Tensor],
+    teacher_head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    temperature: float,
+    chunk_size: int,
+    vocab_size: int | None = None,
+    teacher_ce_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KD, student CE and teacher CE sums computed ``chunk_size`` tokens at a time.
+
+    student_hidden (B, T, Hs), teacher_hidden (B, T, Ht): final hidden states (after the final
+    norm); ``*_head`` map them to logits; labels (B, T) shifted once. Each chunk's logits are
+    recomputed in the backward pass (activation checkpointing), so at most one chunk of
+    full-vocabulary logits of each model exists at any time. ``vocab_size`` trims padded
+    vocabulary rows beyond the shared tokenizer. The teacher CE carries gradient only with
+    ``teacher_ce_grad``. Returns three scalar sums over valid tokens: (kd, ce, teacher_ce).
+    """
+    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+
+    def chunk_fn(h_s: torch.Tensor, h_t: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
+        ls = student_head(h_s)
+        lt = teacher_head(h_t)
+        if vocab_size is not None:
+            ls, lt = ls[:, :vocab_size], lt[:, :vocab_size]
+        t_ce = ce_loss(lt, lab)
+        if not teacher_ce_grad:
+            t_ce = t_ce.detach()
+        return torch.stack([kd_kl_loss(ls, lt, lab, temperature), ce_loss(ls, lab), t_ce])
+
+    total = hs.new_zeros(3, dtype=torch.float32)
+    for start in range(0, hs.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        lab = flat_labels[sl]
+        if not bool((lab != IGNORE_INDEX).any()):
+            continue
+        if torch.is_grad_enabled():
+            total = total + checkpoint(chunk_fn, hs[sl], ht[sl], lab, use_reentrant=False)
+        else:
+            total = total + chunk_fn(hs[sl], ht[sl], lab)
+    return total[0], total[1], total[2] if teacher_ce_grad else total[2].detach()
+
+
+def router_entropy(records: list[RouterRecord], token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean routing entropy (nats) over tokens and routers, with gradient.
+
+    records: router logits (N, E) per router for the same N flattened tokens; token_mask (N,) bool
+    selects the tokens that count.
+    """
+    vals = []
+    for r in records:
+        logp = torch.log_softmax(r.logits.float(), dim=-1)
+        ent = -(logp.exp() * logp).sum(-1)
+        vals.append(ent[token_mask].mean() if token_mask is not None else ent.mean())
+    return torch.stack(vals).mean()
+
+
+def router_load_balance(records: list[RouterRecord], token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch-Transformer load-balance penalty, averaged over routers, with gradient.
+
+    Per router: ``E · Σ_i f_i · P_i`` where f_i is the fraction of (token, slot) assignments that
+    chose expert i (no gradient) and P_i the mean routing probability of expert i (gradient).
+    Equals 1.0 for perfectly uniform routing, E when everything goes to one expert.
+    """
+    vals = []
+    for r in records:
+        probs = torch.softmax(r.logits.float(), dim=-1)
+        idx = r.indices
+        if token_mask is not None:
+            probs, idx = probs[token_mask], idx[token_mask]
+        num_experts = probs.shape[-1]
+        counts = torch.zeros(num_experts, device=probs.device).index_add_(
+            0, idx.reshape(-1), torch.ones(idx.numel(), device=probs.device)
+        )
+        frac = counts / idx.numel()
+        vals.append(num_experts * (frac * probs.mean(0)).sum())
+    return torch.stack(vals).mean()
+
+
+def router_anchor(params: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> torch.Tensor:
+    """L2 distance of the router parameters to their initial values: Σ ‖θ - θ₀‖², with gradient."""
+    return sum(((p.float() - initial[n]) ** 2).sum() for n, p in params.items())
+
+
+def expert_load(records: list[RouterRecord], token_mask: torch.Tensor | None = None) -> list[list[float]]:
+    """Per router, the fraction of (token, slot) assignments that went to each expert (no gradient)."""
+    loads = []
+    for r in records:
+        idx = r.indices if token_mask is None else r.indices[token_mask]
+        num_experts = r.logits.shape[-1]
+        counts = torch.bincount(idx.reshape(-1), minlength=num_experts).float()
+        loads.append((counts / max(idx.numel(), 1)).tolist())
+    return loads

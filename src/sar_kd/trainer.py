@@ -1,0 +1,609 @@
+"""The SAR-KD training run: setup -> train -> save, read top to bottom."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__, data, losses, routers
+from .config import ConfigError, TrainConfig
+from .loading import (
+    DTYPES,
+    enable_checkpointing,
+    load_config,
+    load_model,
+    load_tokenizer,
+    max_positions,
+    set_frozen_teacher_mode,
+)
+from .objective import ObjectiveWeights, SARKDModel
+
+logger = logging.getLogger("sar_kd")
+
+RUN_CONFIG = "sar_kd_config.json"
+TRAINER_STATE = "trainer_state.json"
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import transformers
+
+    return {
+        "sar_kd": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def _check_output_dir(cfg: TrainConfig) -> None:
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+        prev = out / RUN_CONFIG
+        if prev.is_file():
+            try:
+                old = json.loads(prev.read_text())["config"]
+            except (OSError, ValueError, KeyError):
+                old = None
+            same = old is not None and all(
+                old.get(k) == v for k, v in cfg.to_dict().items() if k not in ("overwrite_output_dir",)
+            )
+            if same:
+                return
+        raise ConfigError(
+            f"--output_dir {out} already holds a different run: pass --overwrite_output_dir, "
+            "--resume_from_checkpoint latest, or another --output_dir"
+        )
+
+
+class Trainer:
+    """One SAR-KD run. ``Trainer(cfg).run()`` does everything; the pieces are usable on their own."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
+        self.step = 0
+        self.skipped_steps = 0
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        _check_output_dir(cfg)
+        self._setup_accelerator()
+        self._setup_tokenizers_and_mode()
+        self._setup_models()
+        self._setup_data()
+        self._setup_optimizer()
+        if cfg.resume_from_checkpoint:
+            self._resume(cfg.resume_from_checkpoint)
+
+    def _setup_accelerator(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        use_cuda = torch.cuda.is_available() and not cfg.cpu
+        if cfg.model_dtype == "float16" and not use_cuda:
+            raise ConfigError(
+                "--model_dtype float16 needs a CUDA GPU (fp16 autocast with a GradScaler does not run on the CPU); "
+                "use --model_dtype bfloat16 or float32 on the CPU"
+            )
+        if cfg.model_dtype == "bfloat16" and use_cuda and not torch.cuda.is_bf16_supported():
+            raise ConfigError("--model_dtype bfloat16 is not supported by this GPU; use --model_dtype float16")
+        mp = {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}[cfg.model_dtype]
+        self.accelerator = Accelerator(mixed_precision=mp, cpu=cfg.cpu or not use_cuda)
+        self.is_main = self.accelerator.is_main_process
+        set_seed(cfg.seed)
+
+    def _setup_tokenizers_and_mode(self) -> None:
+        cfg = self.cfg
+        self.teacher_tok = load_tokenizer(cfg.teacher_model, "teacher", cfg.trust_remote_code)
+        self.student_tok = load_tokenizer(cfg.student_model, "student", cfg.trust_remote_code)
+        from .tokenizers import compare_tokenizers
+
+        same, why = compare_tokenizers(self.teacher_tok, self.student_tok)
+        self.mode = "logit" if same else "hidden"
+        self._log(f"tokenizers {'compatible' if same else 'differ'} ({why}): {self.mode} distillation mode")
+        if self.mode == "hidden":
+            raise ConfigError(
+                "the teacher and student tokenizers differ; dual-tokenizer (hidden-state) distillation "
+                "is not available in this version: use a student with the teacher's tokenizer"
+            )
+
+    def _setup_models(self) -> None:
+        cfg = self.cfg
+        t_conf = load_config(cfg.teacher_model, "teacher", cfg.trust_remote_code)
+        routers.moe_dims(t_conf)  # fail fast on a dense teacher, before loading weights
+        for role, conf in (("teacher", t_conf), ("student", load_config(cfg.student_model, "student"))):
+            limit = max_positions(conf)
+            if limit is not None and cfg.block_size > limit:
+                raise ConfigError(
+                    f"--block_size {cfg.block_size} exceeds the {role}'s maximum positions ({limit}); lower --block_size"
+                )
+        compute_dtype = DTYPES[cfg.model_dtype]
+        teacher = load_model(cfg.teacher_model, "teacher", compute_dtype, cfg.trust_remote_code)
+        student = load_model(cfg.student_model, "student", torch.float32, cfg.trust_remote_code)
+        found = routers.find_routers(teacher, cfg.router_patterns)
+        self._log("teacher routers:\n" + routers.router_table(found))
+        r_params = routers.freeze_all_but_routers(teacher, found)
+        if cfg.router_grad == "native" and routers.routing_gives_no_gradient(teacher.config):
+            logger.warning(
+                "!!! --router_grad native with top-1 renormalised routing: the routing weight is exactly 1.0, "
+                "so the routers receive NO gradient from the distillation loss (only from the regularisers). "
+                "Use --router_grad straight_through (default) or dense. !!!"
+            )
+        controller = routers.RouterController(found, cfg.router_grad)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(student)
+            enable_checkpointing(teacher)
+        student.train()
+        set_frozen_teacher_mode(teacher)
+        vocab = None
+        if self.mode == "logit":
+            vs, vt = student.get_output_embeddings().out_features, teacher.get_output_embeddings().out_features
+            vocab = min(vs, vt)
+            if len(self.teacher_tok) > vocab:
+                raise ConfigError(
+                    f"tokenizer has {len(self.teacher_tok)} tokens but a model's output layer only {vocab} rows"
+                )
+        weights = ObjectiveWeights(
+            temperature=cfg.temperature,
+            alpha_kd=cfg.alpha_kd,
+            alpha_ce=cfg.alpha_ce,
+            router_anchor_weight=cfg.router_anchor_weight,
+            router_entropy_weight=cfg.router_entropy_weight,
+            router_load_balance_weight=cfg.router_load_balance_weight,
+            router_teacher_ce_weight=cfg.router_teacher_ce_weight,
+            kd_chunk_size=cfg.kd_chunk_size,
+        )
+        self.routers = found
+        self.controller = controller
+        self.model = SARKDModel(student, teacher, controller, r_params, weights, vocab_size=vocab)
+        self.model.to(self.accelerator.device)
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        train_texts, val_texts = data.load_texts(cfg)
+        if not any(t.strip() for t in train_texts):
+            raise ConfigError("the training data is empty: no text found")
+        tok = self.teacher_tok
+        train = {"input_ids": data.pack_token_blocks(train_texts, tok, cfg.block_size)}
+        if data.num_blocks(train) == 0:
+            raise ConfigError(
+                f"the training data holds fewer than --block_size {cfg.block_size} tokens: give more text or a smaller block size"
+            )
+        if val_texts is not None:
+            val = {"input_ids": data.pack_token_blocks(val_texts, tok, cfg.block_size)}
+            if data.num_blocks(val) == 0:
+                raise ConfigError(f"the validation data holds fewer than --block_size {cfg.block_size} tokens")
+        else:
+            train, val = data.split_validation(train, cfg.validation_split_percentage)
+        self.train_blocks, self.val_blocks = train, val
+        acc = self.accelerator
+        self.stream = data.BatchStream(train, cfg.per_device_batch_size, cfg.seed, acc.process_index, acc.num_processes)
+        self._log(
+            f"data: {data.num_blocks(train)} train / {data.num_blocks(val)} validation blocks of {cfg.block_size} tokens; "
+            f"effective batch {cfg.effective_batch_size * acc.num_processes} blocks per optimizer step"
+        )
+
+    def _setup_optimizer(self) -> None:
+        from transformers import get_scheduler
+
+        cfg = self.cfg
+        m = self.model
+        student_params = [p for p in m.student.parameters() if p.requires_grad]
+        groups = [
+            {"params": student_params, "lr": cfg.student_lr, "weight_decay": cfg.weight_decay, "name": "student"},
+            {"params": list(m.router_params.values()), "lr": cfg.router_lr, "weight_decay": 0.0, "name": "router"},
+        ]
+        if m.projection is not None:
+            groups.append(
+                {
+                    "params": list(m.projection.parameters()),
+                    "lr": cfg.student_lr,
+                    "weight_decay": cfg.weight_decay,
+                    "name": "projection",
+                }
+            )
+        optimizer = torch.optim.AdamW(groups)
+        name = cfg.scheduler_type if cfg.use_scheduler else "constant"
+        scheduler = get_scheduler(
+            name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.train_steps
+        )
+        acc = self.accelerator
+        # step_scheduler_with_optimizer=False semantics: we step once per optimizer update ourselves.
+        acc.step_scheduler_with_optimizer = False
+        self.ddp_model, self.optimizer, self.scheduler = acc.prepare(self.model, optimizer, scheduler)
+        acc.register_save_state_pre_hook(self._save_trainable_only)
+        acc.register_load_state_pre_hook(self._load_trainable_only)
+
+    def _trainable_names(self) -> set[str]:
+        return {n for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _save_trainable_only(self, models, weights, output_dir) -> None:
+        # The frozen teacher is the user's own download: checkpoints hold only what training changes.
+        keep = self._trainable_names()
+        for w in weights:
+            for k in [k for k in w if k not in keep]:
+                del w[k]
+
+    def _load_trainable_only(self, models, input_dir) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(input_dir) / "model.safetensors"))
+        unexpected = set(state) - self._trainable_names()
+        missing = self._trainable_names() - set(state)
+        if unexpected or missing:
+            raise ConfigError(
+                f"checkpoint {input_dir} does not match this run's trainable parameters "
+                f"({len(missing)} missing, {len(unexpected)} unexpected): same models and flags are needed to resume"
+            )
+        self.model.load_state_dict(state, strict=False)
+        models.clear()
+
+    # ------------------------------------------------------------------ train
+    def run(self) -> dict[str, Any]:
+        """Set up, train, save; return the final summary."""
+        self.setup()
+        try:
+            return self.train()
+        finally:
+            self.controller.remove()
+
+    def _window(self) -> list[dict[str, torch.Tensor]]:
+        dev = self.accelerator.device
+        return [{k: v.to(dev) for k, v in next(self.stream).items()} for _ in range(self.cfg.grad_accum_steps)]
+
+    def _global_tokens(self, window: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        ids = [b["input_ids"] for b in window]
+        n = torch.tensor(sum(int(i.shape[0] * (i.shape[1] - 1)) for i in ids), device=self.accelerator.device)
+        return self.accelerator.reduce(n, reduction="sum")
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer update over ``grad_accum_steps`` micro-batches; returns its metrics."""
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.perf_counter()
+        window = self._window()
+        n_global = self._global_tokens(window).float()
+        world = acc.num_processes
+        sums = {k: 0.0 for k in ("kd_sum", "ce_sum", "teacher_ce_sum")}
+        reg = {k: 0.0 for k in ("router_anchor", "router_entropy", "router_load_balance")}
+        n_local = 0
+        self.controller.active = True
+        for i, batch in enumerate(window):
+            sync = i == len(window) - 1
+            ctx = acc.no_sync(self.ddp_model) if not sync else _nullcontext()
+            with ctx:
+                out = self.ddp_model(**batch)
+                # Sum over tokens / tokens of the whole window (all ranks); DDP averages over ranks,
+                # hence the factor `world`.
+                loss = out["token_loss_sum"] * world / n_global + out["router_loss"] / len(window)
+                acc.backward(loss)
+            for k in sums:
+                sums[k] += float(out[k])
+            for k in reg:
+                reg[k] += float(out[k]) / len(window)
+            n_local += int(out["num_tokens"])
+        self.controller.active = False
+        acc.unscale_gradients()
+        r_norm = _grad_norm(self.model.router_params.values())
+        s_norm = _grad_norm(p for p in self.model.student.parameters() if p.requires_grad)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
+            )
+        lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}  # the rates this update used
+        self.optimizer.step()
+        skipped = acc.optimizer_step_was_skipped
+        if skipped:
+            self.skipped_steps += 1
+        else:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        n_tok = max(n_local, 1)
+        w = self.model.weights
+        kd, ce, tce = sums["kd_sum"] / n_tok, sums["ce_sum"] / n_tok, sums["teacher_ce_sum"] / n_tok
+        total = w.alpha_kd * kd + w.alpha_ce * ce + w.router_teacher_ce_weight * tce
+        total += (
+            w.router_anchor_weight * reg["router_anchor"]
+            - w.router_entropy_weight * reg["router_entropy"]
+            + w.router_load_balance_weight * reg["router_load_balance"]
+        )
+        tokens = sum(int(b["input_ids"].numel()) for b in window) * world
+        return {
+            "step": self.step,
+            "loss": total,
+            "kd_loss": kd,
+            "ce_loss": ce,
+            "teacher_ce": tce,
+            **reg,
+            "router_grad_norm": r_norm,
+            "student_grad_norm": s_norm,
+            "lr_student": lrs["student"],
+            "lr_router": lrs["router"],
+            "tokens_per_s": tokens / dt,
+            "step_time_s": dt,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Student and teacher validation perplexity (native routing, no dropout)."""
+        cfg, acc = self.cfg, self.accelerator
+        m = self.model
+        m.student.eval()
+        self.controller.active = False
+        dev = acc.device
+        totals = torch.zeros(4, dtype=torch.float64, device=dev)
+        loads: list[list[float]] | None = None
+        ent_sum, n_batches = 0.0, 0
+        for i, batch in enumerate(data.eval_batches(self.val_blocks, cfg.per_device_batch_size, cfg.eval_max_batches)):
+            if i % acc.num_processes != acc.process_index:
+                continue
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            with acc.autocast():
+                r = m.eval_nll(**batch)
+            totals += torch.stack(
+                [
+                    r["student_nll"].double(),
+                    r["student_tokens"].double(),
+                    r["teacher_nll"].double(),
+                    r["teacher_tokens"].double(),
+                ]
+            )
+            batch_loads = losses.expert_load(r["records"], r["token_mask"])
+            loads = (
+                batch_loads if loads is None else [[a + b for a, b in zip(x, y)] for x, y in zip(loads, batch_loads)]
+            )
+            ent_sum += float(losses.router_entropy(r["records"], r["token_mask"]))
+            n_batches += 1
+        totals = acc.reduce(totals, reduction="sum")
+        m.student.train()
+        out = {
+            "step": self.step,
+            "student_ppl": math.exp(totals[0] / totals[1]),
+            "teacher_ppl": math.exp(totals[2] / totals[3]),
+            "eval_tokens": int(totals[1]),
+        }
+        if loads is not None and n_batches:
+            out["expert_load"] = [[round(v / n_batches, 4) for v in layer] for layer in loads]
+            out["eval_router_entropy"] = ent_sum / n_batches
+        return out
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        out = Path(cfg.output_dir)
+        if self.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            self._write_run_config(out)
+        start = time.perf_counter()
+        first_eval = last_eval = None
+        if cfg.eval_steps and self.step == 0:
+            first_eval = last_eval = self._record(self.evaluate())
+        bar = _progress(cfg.train_steps, self.step, self.is_main)
+        while self.step < cfg.train_steps:
+            metrics = self.train_step()
+            if not math.isfinite(metrics["loss"]) and not self.accelerator.scaler:
+                raise RuntimeError(
+                    f"loss became {metrics['loss']} at step {self.step} (fp32/bf16: nothing to skip); "
+                    "lower the learning rates"
+                )
+            if self.step % cfg.logging_steps == 0 or self.step == cfg.train_steps:
+                self._record(metrics)
+                bar.update_to(self.step, metrics, time.perf_counter() - start)
+            if cfg.eval_steps and (self.step % cfg.eval_steps == 0 or self.step == cfg.train_steps):
+                last_eval = self._record(self.evaluate())
+                if first_eval is None:
+                    first_eval = last_eval
+            if cfg.save_steps and self.step % cfg.save_steps == 0:
+                self.save_checkpoint()
+        bar.close()
+        self.save_outputs(out)
+        wall = time.perf_counter() - start
+        summary = {
+            "steps": self.step,
+            "wall_time_s": wall,
+            "skipped_steps": self.skipped_steps,
+            "mean_tokens_per_s": _mean(h.get("tokens_per_s") for h in self.history),
+            "output_dir": str(out),
+        }
+        if first_eval is not None:
+            for k in ("student_ppl", "teacher_ppl", "expert_load", "eval_router_entropy"):
+                if k in first_eval:
+                    summary[f"initial_{k}"] = first_eval[k]
+                    summary[f"final_{k}"] = last_eval[k]
+        self.summary = summary
+        if self.is_main:
+            (out / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._log(_format_summary(summary))
+        self.accelerator.wait_for_everyone()
+        return summary
+
+    # ------------------------------------------------------------------ saving
+    def _record(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        self.history.append(metrics)
+        if self.is_main:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        return metrics
+
+    def _write_run_config(self, out: Path) -> None:
+        (out / RUN_CONFIG).write_text(
+            json.dumps({"config": self.cfg.to_dict(), "mode": self.mode, "versions": versions()}, indent=2)
+        )
+
+    def router_update(self) -> dict[str, torch.Tensor]:
+        """The trained router parameters keyed by the teacher's state-dict names (fp32, CPU)."""
+        return {n: p.detach().float().cpu().clone() for n, p in self.model.router_params.items()}
+
+    def save_outputs(self, out: Path) -> None:
+        """student/, router_update.pt (and projection.pt in dual mode) into ``out``."""
+        if not self.is_main:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        student = self.accelerator.unwrap_model(self.ddp_model).student
+        student.save_pretrained(out / "student")
+        self.student_tok.save_pretrained(out / "student")
+        torch.save(self.router_update(), out / "router_update.pt")
+        if self.model.projection is not None:
+            torch.save(self.model.projection.state_dict(), out / "projection.pt")
+
+    def save_checkpoint(self) -> Path:
+        """OUTPUT/checkpoint-STEP with the outputs and the full training state, written atomically."""
+        acc = self.accelerator
+        final = Path(self.cfg.output_dir) / f"checkpoint-{self.step}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp / "state"))
+        if self.is_main:
+            self.save_outputs(tmp)
+            self._write_run_config(tmp)
+            state = {
+                "step": self.step,
+                "skipped_steps": self.skipped_steps,
+                "stream": {"epoch": self.stream.state.epoch, "position": self.stream.state.position},
+            }
+            (tmp / TRAINER_STATE).write_text(json.dumps(state))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune_checkpoints()
+        acc.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        limit = self.cfg.save_total_limit
+        if limit is None:
+            return
+        for old in list_checkpoints(Path(self.cfg.output_dir))[:-limit]:
+            shutil.rmtree(old)
+
+    def _resume(self, where: str) -> None:
+        path = resolve_checkpoint(self.cfg.output_dir, where)
+        self.accelerator.load_state(str(path / "state"))
+        state = json.loads((path / TRAINER_STATE).read_text())
+        self.step = state["step"]
+        self.skipped_steps = state["skipped_steps"]
+        self.stream.state = data.StreamState(**state["stream"])
+        if self.is_main and self.metrics_path.exists():
+            # Drop metrics logged after the checkpoint so the resumed log reads as one run.
+            kept = [ln for ln in self.metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
+            self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+        self._log(f"resumed from {path} at step {self.step}")
+
+    def _log(self, msg: str) -> None:
+        if self.is_main:
+            logger.info(msg)
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints in ``out``, oldest first."""
+    found = []
+    for p in out.glob("checkpoint-*"):
+        suffix = p.name.split("-", 1)[1]
+        if p.is_dir() and suffix.isdigit() and (p / TRAINER_STATE).is_file():
+            found.append((int(suffix), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(output_dir: str, where: str) -> Path:
+    if where == "latest":
+        cps = list_checkpoints(Path(output_dir))
+        if not cps:
+            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}")
+        return cps[-1]
+    p = Path(where)
+    if not (p / TRAINER_STATE).is_file():
+        raise ConfigError(f"--resume_from_checkpoint {where}: not a SAR-KD checkpoint directory")
+    return p
+
+
+def _grad_norm(params) -> float:
+    sq = 0.0
+    for p in params:
+        if p.grad is not None:
+            sq += float(p.grad.detach().float().pow(2).sum())
+    return math.sqrt(sq)
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Progress:
+    """tqdm on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.total = total
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = None
+        if self.tty:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="sar-kd", dynamic_ncols=True)
+
+    def update_to(self, step: int, m: dict[str, Any], elapsed: float) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr_student']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
+        else:
+            eta = elapsed / max(step, 1) * (self.total - step)
+            logger.info(
+                "step %d/%d loss %.4f kd %.4f ce %.4f teacher_ce %.4f router_grad %.2e lr %.2e tok/s %.0f eta %.0fs",
+                step, self.total, m["loss"], m["kd_loss"], m["ce_loss"], m["teacher_ce"],
+                m["router_grad_norm"], m["lr_student"], m["tokens_per_s"], eta,
+            )  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress(total: int, initial: int, enabled: bool) -> _Progress:
+    return _Progress(total, initial, enabled)
+
+
+def _format_summary(s: dict[str, Any]) -> str:
+    lines = [
+        "run summary",
+        f"  steps {s['steps']} ({s['skipped_steps']} skipped), wall time {s['wall_time_s']:.1f}s, "
+        f"{(s['mean_tokens_per_s'] or 0):.0f} tokens/s",
+    ]
+    for k in ("student_ppl", "teacher_ppl", "eval_router_entropy"):
+        if f"final_{k}" in s:
+            lines.append(f"  {k}: {s[f'initial_{k}']:.3f} -> {s[f'final_{k}']:.3f}")
+    if "final_expert_load" in s:
+        for i, (a, b) in enumerate(zip(s["initial_expert_load"], s["final_expert_load"])):
+            lines.append(f"  router {i} expert load: {a} -> {b}")
+    lines.append(f"  outputs in {s['output_dir']}: student/, router_update.pt, metrics.jsonl")
+    return "\n".join(lines)

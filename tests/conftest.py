@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random models saved to disk and loaded back through from_pretrained."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    from sar_kd.toy import shakespeare_text
+
+    return shakespeare_text().splitlines()[:6000]
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory, corpus):
+    """A tiny top-1 Qwen3-MoE teacher and a tiny Llama student sharing one BPE tokenizer."""
+    from sar_kd.toy import save_random_model, tiny_llama_config, tiny_moe_config, train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("pair")
+    tok = train_bpe_tokenizer(corpus[:3000], 384, root / "tok")
+    teacher = root / "teacher"
+    student = root / "student"
+    save_random_model(tiny_moe_config(len(tok)), teacher, seed=1, tokenizer=tok)
+    save_random_model(tiny_llama_config(len(tok)), student, seed=2, tokenizer=tok)
+    train = root / "train.txt"
+    val = root / "val.txt"
+    train.write_text("\n".join(corpus[:2500]) + "\n")
+    val.write_text("\n".join(corpus[5000:5600]) + "\n")
+    return {"teacher": str(teacher), "student": str(student), "train": str(train), "val": str(val), "root": root}
+
+
+def base_args(pair, out, **over) -> list[str]:
+    """Command-line flags for a short CPU run on the tiny pair."""
+    args = {
+        "teacher_model": pair["teacher"],
+        "student_model": pair["student"],
+        "train_file": pair["train"],
+        "validation_file": pair["val"],
+        "block_size": 64,
+        "train_steps": 4,
+        "per_device_batch_size": 2,
+        "grad_accum_steps": 2,
+        "student_lr": 1e-3,
+        "router_lr": 1e-2,
+        "eval_steps": 2,
+        "eval_max_batches": 2,
+        "save_steps": 2,
+        "kd_chunk_size": 32,
+        "output_dir": str(out),
+    }
+    args.update(over)
+    flags = []
+    for k, v in args.items():
+        if v is True:
+            flags.append(f"--{k}")
+        elif v is not None and v is not False:
+            flags += [f"--{k}", str(v)]
+    return flags

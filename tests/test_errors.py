@@ -1,0 +1,71 @@
+"""Bad input: one clear error line, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import base_args
+from sar_kd.cli import main
+
+
+def _run(capsys, args) -> tuple[int, str]:
+    try:
+        rc = main(["train", *args])
+    except SystemExit as e:  # argparse
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+CASES = {
+    "missing_model": (lambda p, t: {"teacher_model": str(t / "nope" / "teacher")}, "no such directory"),
+    "dense_teacher": (lambda p, t: {"teacher_model": p["student"]}, "no mixture-of-experts"),
+    "block_too_long": (lambda p, t: {"block_size": 4096}, "exceeds the teacher's maximum positions"),
+    "empty_data": (lambda p, t: {"train_file": _write(t / "empty.txt", "\n\n")}, "empty"),
+    "tiny_data": (lambda p, t: {"train_file": _write(t / "tiny.txt", "just a few words\n")}, "fewer than --block_size"),
+    "bad_jsonl": (lambda p, t: {"train_file": _write(t / "bad.jsonl", "{not json\n")}, "cannot read"),
+    "missing_file": (lambda p, t: {"train_file": str(t / "missing.txt")}, "no such file"),
+    "conflicting_data": (lambda p, t: {"dataset_name": "wikitext"}, "not both"),
+    "warmup_without_scheduler": (lambda p, t: {"warmup_steps": 5}, "needs --use_scheduler"),
+    "fp16_on_cpu": (lambda p, t: {"model_dtype": "float16"}, "needs a CUDA GPU"),
+    "bad_regex": (lambda p, t: {"router_patterns": "gate("}, "not a valid regex"),
+    "negative_lr": (lambda p, t: {"student_lr": -1}, "--student_lr must be >= 0"),
+}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_fails_cleanly(case, tiny_pair, tmp_path, capsys):
+    over, message = CASES[case]
+    out = tmp_path / "out"
+    rc, err = _run(capsys, base_args(tiny_pair, out, **over(tiny_pair, tmp_path)))
+    lines = [ln for ln in err.strip().splitlines() if "error" in ln]
+    assert rc == 2
+    assert len(lines) == 1 and message in lines[0], err[-1500:]
+    assert not out.exists()
+
+
+def test_unknown_flag(tiny_pair, tmp_path, capsys):
+    rc, err = _run(capsys, [*base_args(tiny_pair, tmp_path / "o"), "--no_such_flag", "1"])
+    assert rc == 2 and "unrecognized arguments: --no_such_flag" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_output_dir_with_another_run_is_refused(tiny_pair, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sar_kd_config.json").write_text(json.dumps({"config": {"train_steps": 99}}))
+    (out / "metrics.jsonl").write_text("")
+    rc, err = _run(capsys, base_args(tiny_pair, out))
+    assert rc == 2 and "already holds a different run" in err
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "sar_kd_config.json"]
+
+
+def test_unknown_command(capsys):
+    assert main(["fly"]) == 2
+    assert "unknown command" in capsys.readouterr().err
