@@ -63,5 +63,60 @@ def base_args(pair, out, **over) -> list[str]:
         if v is True:
             flags.append(f"--{k}")
         elif v is not None and v is not False:
-            flags += [f"--{k}", str(v)]
+            flags += [f"--{k}={v}"] if str(v).startswith("-") else [f"--{k}", str(v)]
     return flags
+
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_dirs(tmp_path_factory) -> dict[str, str]:
+    """The real Qwen3 (teacher) and SmolLM-135M (student) tokenizers, from the vendored fixtures."""
+    import lzma
+    import shutil
+
+    root = tmp_path_factory.mktemp("realtok")
+    dirs = {}
+    for name in ("qwen3", "smollm"):
+        d = root / name
+        d.mkdir()
+        (d / "tokenizer.json").write_bytes(lzma.decompress((FIXTURES / f"{name}_tokenizer.json.xz").read_bytes()))
+        shutil.copy(FIXTURES / f"{name}_tokenizer_config.json", d / "tokenizer_config.json")
+        extra = FIXTURES / f"{name}_special_tokens_map.json"
+        if extra.exists():
+            shutil.copy(extra, d / "special_tokens_map.json")
+        dirs[name] = str(d)
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def wikitext_lines() -> list[str]:
+    """WikiText-2 raw validation split (vendored, CC BY-SA 3.0)."""
+    import lzma
+
+    return lzma.decompress((FIXTURES / "wiki.valid.raw.xz").read_bytes()).decode("utf-8").splitlines()
+
+
+@pytest.fixture(scope="session")
+def dual_pair(tmp_path_factory, real_tokenizer_dirs, wikitext_lines):
+    """A tiny Qwen3-MoE teacher on the real Qwen tokenizer and a tiny Llama student on the real SmolLM one."""
+    from transformers import AutoTokenizer
+
+    from sar_kd.toy import save_random_model, tiny_llama_config, tiny_moe_config
+
+    root = tmp_path_factory.mktemp("dual")
+    t_tok = AutoTokenizer.from_pretrained(real_tokenizer_dirs["qwen3"])
+    s_tok = AutoTokenizer.from_pretrained(real_tokenizer_dirs["smollm"])
+    teacher, student = root / "teacher", root / "student"
+    save_random_model(
+        tiny_moe_config(151936, hidden=32, experts=3, eos_token_id=151645, pad_token_id=151643),
+        teacher,
+        seed=3,
+        tokenizer=t_tok,
+    )
+    save_random_model(tiny_llama_config(49152, hidden=32), student, seed=4, tokenizer=s_tok)
+    train, val = root / "train.txt", root / "val.txt"
+    train.write_text("\n".join(wikitext_lines[:300]) + "\n")
+    val.write_text("\n".join(wikitext_lines[3000:3150]) + "\n")
+    return {"teacher": str(teacher), "student": str(student), "train": str(train), "val": str(val), "root": root}

@@ -87,6 +87,111 @@ def pack_token_blocks(texts: list[str], tokenizer, block_size: int, batch_docs: 
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
+def logit_blocks(texts: list[str], tokenizer, block_size: int) -> dict[str, torch.Tensor]:
+    """Same-tokenizer blocks: ``input_ids`` (N, T) and the per-block token counts of each loss."""
+    ids = pack_token_blocks(texts, tokenizer, block_size)
+    n = torch.full((len(ids),), block_size - 1, dtype=torch.long)
+    return {"input_ids": ids, "n_kd": n, "n_ce": n.clone(), "n_tce": n.clone()}
+
+
+def _split_point(text: str, limit: int) -> int:
+    """The last whitespace position in text[limit//2 : limit] (so words are not cut), else ``limit``."""
+    cut = max(text.rfind(" ", limit // 2, limit), text.rfind("\n", limit // 2, limit))
+    return cut if cut > 0 else limit
+
+
+def _encode(tok, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    enc = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"]))
+
+
+def pack_dual_blocks(
+    texts: list[str], student_tok, teacher_tok, block_size: int, batch_chunks: int = 256
+) -> dict[str, torch.Tensor]:
+    """Blocks of shared text tokenised by both tokenizers, for hidden-state distillation.
+
+    The text stream is cut into character chunks (at whitespace) sized so both tokenisations
+    usually fit ``block_size``; a chunk that does not fit on either side is shortened to the
+    character range both cover within ``block_size`` tokens and tokenised again. Returns
+    ``student_ids``/``teacher_ids`` (N, T), ``*_mask`` (N, T), ``*_offsets`` (N, T, 2) (character
+    spans in the chunk), and per-block counts ``n_kd`` (aligned student tokens), ``n_ce`` (student
+    labels), ``n_tce`` (teacher labels). Padding is masked everywhere.
+    """
+    from .alignment import overlap_alignment
+
+    stream = "".join(as_stream(texts))
+    if not stream.strip():
+        return {}
+    sample = stream[:200_000]
+    per_tok = min(
+        len(sample) / max(1, len(student_tok(sample, add_special_tokens=False)["input_ids"])),
+        len(sample) / max(1, len(teacher_tok(sample, add_special_tokens=False)["input_ids"])),
+    )
+    chunk_chars = max(8, int(block_size * per_tok * 0.9))
+    chunks, pos = [], 0
+    while pos < len(stream):
+        rest = stream[pos : pos + chunk_chars + 1]
+        end = len(rest) if len(rest) <= chunk_chars else _split_point(rest, chunk_chars)
+        chunks.append(rest[:end])
+        pos += end
+
+    rows: list[tuple] = []
+    for i in range(0, len(chunks), batch_chunks):
+        batch = chunks[i : i + batch_chunks]
+        for text, (s_ids, s_off), (t_ids, t_off) in zip(
+            batch, _encode(student_tok, batch), _encode(teacher_tok, batch)
+        ):
+            while len(s_ids) > block_size or len(t_ids) > block_size:
+                limit = min(
+                    s_off[block_size - 1][1] if len(s_ids) > block_size else len(text),
+                    t_off[block_size - 1][1] if len(t_ids) > block_size else len(text),
+                )
+                text = text[: _split_point(text, limit) if limit < len(text) else int(len(text) * 0.9)]
+                (s_ids, s_off), (t_ids, t_off) = _encode(student_tok, [text])[0], _encode(teacher_tok, [text])[0]
+            if len(s_ids) >= 2 and len(t_ids) >= 2:
+                rows.append((s_ids, s_off, t_ids, t_off))
+    if not rows:
+        return {}
+
+    n = len(rows)
+    out = {
+        "student_ids": torch.full((n, block_size), _pad_id(student_tok), dtype=torch.long),
+        "student_mask": torch.zeros(n, block_size, dtype=torch.long),
+        "student_offsets": torch.zeros(n, block_size, 2, dtype=torch.int32),
+        "teacher_ids": torch.full((n, block_size), _pad_id(teacher_tok), dtype=torch.long),
+        "teacher_mask": torch.zeros(n, block_size, dtype=torch.long),
+        "teacher_offsets": torch.zeros(n, block_size, 2, dtype=torch.int32),
+    }
+    for k, (s_ids, s_off, t_ids, t_off) in enumerate(rows):
+        for side, ids, off in (("student", s_ids, s_off), ("teacher", t_ids, t_off)):
+            out[f"{side}_ids"][k, : len(ids)] = torch.tensor(ids)
+            out[f"{side}_mask"][k, : len(ids)] = 1
+            out[f"{side}_offsets"][k, : len(ids)] = torch.tensor(off, dtype=torch.int32)
+    out["n_ce"] = out["student_mask"].sum(1) - 1
+    out["n_tce"] = out["teacher_mask"].sum(1) - 1
+    n_kd = []
+    for i in range(0, n, 32):
+        sl = slice(i, i + 32)
+        _, aligned = overlap_alignment(
+            out["student_offsets"][sl], out["student_mask"][sl], out["teacher_offsets"][sl], out["teacher_mask"][sl]
+        )
+        n_kd.append(aligned.sum(1))
+    out["n_kd"] = torch.cat(n_kd)
+    return out
+
+
+def _pad_id(tok) -> int:
+    for tid in (tok.pad_token_id, tok.eos_token_id, 0):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def alignment_coverage(blocks: dict[str, torch.Tensor]) -> float:
+    """Fraction of the student's real tokens that overlap at least one teacher token."""
+    return float(blocks["n_kd"].sum()) / max(1, int(blocks["student_mask"].sum()))
+
+
 def split_validation(blocks: dict[str, torch.Tensor], percentage: float) -> tuple[dict, dict]:
     """Hold out the last ``percentage`` % of blocks (at least one) for validation."""
     n = len(next(iter(blocks.values())))

@@ -56,6 +56,31 @@ def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def _chunked(
+    fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor], labels: torch.Tensor, chunk_size: int, n_out: int
+):
+    """Σ over token chunks of ``fn(*chunk_tensors, chunk_labels)`` (a vector of ``n_out`` sums).
+
+    Under autograd each chunk is checkpointed: its logits are recomputed in the backward pass, so
+    at most one chunk of vocabulary-wide logits is alive at a time. Chunks without a valid label
+    are skipped.
+    """
+    flat = [t.reshape(-1, t.shape[-1]) for t in tensors]
+    flat_labels = labels.reshape(-1)
+    total = flat[0].new_zeros(n_out, dtype=torch.float32)
+    for start in range(0, flat_labels.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        lab = flat_labels[sl]
+        if not bool((lab != IGNORE_INDEX).any()):
+            continue
+        args = [t[sl] for t in flat]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(fn, *args, lab, use_reentrant=False)
+        else:
+            total = total + fn(*args, lab)
+    return total
+
+
 def chunked_lm_losses(
     student_hidden: torch.Tensor,
     teacher_hidden: torch.Tensor,
@@ -70,15 +95,11 @@ def chunked_lm_losses(
     """KD, student CE and teacher CE sums computed ``chunk_size`` tokens at a time.
 
     student_hidden (B, T, Hs), teacher_hidden (B, T, Ht): final hidden states (after the final
-    norm); ``*_head`` map them to logits; labels (B, T) shifted once. Each chunk's logits are
-    recomputed in the backward pass (activation checkpointing), so at most one chunk of
-    full-vocabulary logits of each model exists at any time. ``vocab_size`` trims padded
-    vocabulary rows beyond the shared tokenizer. The teacher CE carries gradient only with
-    ``teacher_ce_grad``. Returns three scalar sums over valid tokens: (kd, ce, teacher_ce).
+    norm); ``*_head`` map them to logits; labels (B, T) shifted once. At most one chunk of
+    full-vocabulary logits of each model exists at any time (see :func:`_chunked`).
+    ``vocab_size`` trims padded vocabulary rows beyond the shared tokenizer. The teacher CE carries
+    gradient only with ``teacher_ce_grad``. Returns three scalar sums over valid tokens: (kd, ce, teacher_ce).
     """
-    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
-    ht = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-    flat_labels = labels.reshape(-1)
 
     def chunk_fn(h_s: torch.Tensor, h_t: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
         ls = student_head(h_s)
@@ -90,17 +111,15 @@ def chunked_lm_losses(
             t_ce = t_ce.detach()
         return torch.stack([kd_kl_loss(ls, lt, lab, temperature), ce_loss(ls, lab), t_ce])
 
-    total = hs.new_zeros(3, dtype=torch.float32)
-    for start in range(0, hs.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        lab = flat_labels[sl]
-        if not bool((lab != IGNORE_INDEX).any()):
-            continue
-        if torch.is_grad_enabled():
-            total = total + checkpoint(chunk_fn, hs[sl], ht[sl], lab, use_reentrant=False)
-        else:
-            total = total + chunk_fn(hs[sl], ht[sl], lab)
+    total = _chunked(chunk_fn, [student_hidden, teacher_hidden], labels, chunk_size, 3)
     return total[0], total[1], total[2] if teacher_ce_grad else total[2].detach()
+
+
+def chunked_ce(
+    hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor, chunk_size: int
+) -> torch.Tensor:
+    """Cross-entropy sum of one model, ``chunk_size`` tokens at a time. hidden (B, T, H), labels (B, T)."""
+    return _chunked(lambda h, lab: ce_loss(head(h), lab).reshape(1), [hidden], labels, chunk_size, 1)[0]
 
 
 def router_entropy(records: list[RouterRecord], token_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,7 +1,15 @@
-"""The joint SAR-KD module: student + teacher (+ projection) whose forward returns the loss terms.
+"""The joint SAR-KD module: student + teacher (+ projection) whose forward returns the loss.
 
 Wrapping everything in one ``nn.Module`` lets accelerate/DDP synchronise the gradients of the
 student, the teacher's routers and the projection in one place.
+
+Two modes share it:
+
+* **logit** (same tokenizer): ``T²·KL(teacher ‖ student)`` on the logits plus CE;
+* **hidden** (different tokenizers): MSE between the student's hidden states and a learned
+  projection of the teacher's hidden states pooled onto student tokens by character overlap,
+  plus CE on the student's own tokens. The teacher's LM head is not run unless the teacher-CE
+  term needs it.
 """
 
 from __future__ import annotations
@@ -11,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import losses
+from . import alignment, losses
 from .routers import RouterController
 
 
@@ -29,15 +37,18 @@ class ObjectiveWeights:
     kd_chunk_size: int = 256
 
 
+def make_projection(teacher_hidden: int, student_hidden: int, num_pairs: int) -> nn.ModuleList:
+    """One linear map teacher width -> student width per hidden-layer pair (fp32, trained)."""
+    return nn.ModuleList(nn.Linear(teacher_hidden, student_hidden) for _ in range(num_pairs))
+
+
 class SARKDModel(nn.Module):
-    """Student, teacher and (dual-tokenizer mode) projection, computing the SAR-KD loss terms.
+    """Student, teacher and (hidden mode) projection; ``forward`` computes the SAR-KD loss.
 
-    ``forward`` returns a dict of scalar tensors:
-
-    * ``token_loss_sum``: α_kd·KD + α_ce·CE (+ teacher-CE weight·teacher CE), **summed** over the
-      valid tokens of this micro-batch (the trainer divides by the tokens of the whole window);
-    * ``router_loss``: anchor − entropy bonus + load balance, already weighted (a per-micro-batch mean);
-    * the individual sums and statistics for logging.
+    ``forward(batch, norms)`` takes a micro-batch and the **global** token counts of the whole
+    accumulation window (``norms``: ``kd``, ``ce``, ``tce``), and returns a dict of scalars:
+    ``loss`` (token terms divided by those counts, plus the weighted router regulariser) and the
+    unnormalised sums and statistics for logging.
     """
 
     def __init__(
@@ -48,7 +59,7 @@ class SARKDModel(nn.Module):
         router_params: dict[str, nn.Parameter],
         weights: ObjectiveWeights,
         vocab_size: int | None = None,
-        projection: nn.Module | None = None,
+        projection: nn.ModuleList | None = None,
         layer_pairs: list[tuple[int, int]] | None = None,
     ) -> None:
         super().__init__()
@@ -59,11 +70,14 @@ class SARKDModel(nn.Module):
         self.weights = weights
         self.vocab_size = vocab_size
         self.layer_pairs = layer_pairs or [(-1, -1)]
-        # Parameter names relative to the teacher -> parameter; anchors registered as buffers so they
-        # move with the module and are saved in its state.
         self._router_names = list(router_params)
+        # The anchor of the L2 regulariser: buffers move with the module; not saved (re-read from the teacher).
         for i, p in enumerate(router_params.values()):
             self.register_buffer(f"_anchor_{i}", p.detach().float().clone(), persistent=False)
+
+    @property
+    def mode(self) -> str:
+        return "logit" if self.projection is None else "hidden"
 
     @property
     def router_params(self) -> dict[str, nn.Parameter]:
@@ -73,6 +87,7 @@ class SARKDModel(nn.Module):
     def _anchors(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, f"_anchor_{i}") for i, n in enumerate(self._router_names)}
 
+    # ------------------------------------------------------------------ pieces
     def _teacher_body(self, input_ids, attention_mask, hidden_states: bool = False):
         ctl = self.controller
         ctl.records = []
@@ -87,6 +102,11 @@ class SARKDModel(nn.Module):
         finally:
             ctl.recording = False
         return out, ctl.pop_records()
+
+    def _student_body(self, input_ids, attention_mask, hidden_states: bool = False):
+        return self.student.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=hidden_states
+        )
 
     def router_terms(self, records, token_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Weighted router regulariser and its parts, all carrying gradient to the routers."""
@@ -104,12 +124,32 @@ class SARKDModel(nn.Module):
             "router_load_balance": balance.detach(),
         }
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Same-tokenizer (logit) mode. input_ids (B, T) shared by both models."""
+    @staticmethod
+    def _layer(out, index: int) -> torch.Tensor:
+        # -1 is the final (normed) state both LM heads read; other indices come from hidden_states.
+        return out.last_hidden_state if index == -1 else out.hidden_states[index]
+
+    # ------------------------------------------------------------------ losses
+    def forward(self, batch: dict[str, torch.Tensor], norms: dict[str, float]) -> dict[str, torch.Tensor]:
+        """Loss of one micro-batch; ``norms`` are the window's global token counts (see class doc)."""
         w = self.weights
-        labels = losses.shift_labels(input_ids, attention_mask)
-        t_out, records = self._teacher_body(input_ids, attention_mask)
-        s_out = self.student.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        sums = self._logit_sums(batch) if self.mode == "logit" else self._hidden_sums(batch)
+        token_loss = (
+            w.alpha_kd * sums["kd_sum"] / norms["kd"]
+            + w.alpha_ce * sums["ce_sum"] / norms["ce"]
+            + w.router_teacher_ce_weight * sums["teacher_ce_sum"] / norms["tce"]
+        )
+        out = self.router_terms(sums.pop("records"), sums.pop("router_mask"))
+        out["loss"] = token_loss + out["router_loss"] * norms.get("router_scale", 1.0)
+        out.update({k: v.detach() for k, v in sums.items()})
+        return out
+
+    def _logit_sums(self, batch):
+        w = self.weights
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        labels = losses.shift_labels(ids, mask)
+        t_out, records = self._teacher_body(ids, mask)
+        s_out = self._student_body(ids, mask)
         kd, ce, t_ce = losses.chunked_lm_losses(
             s_out.last_hidden_state,
             t_out.last_hidden_state,
@@ -121,38 +161,69 @@ class SARKDModel(nn.Module):
             vocab_size=self.vocab_size,
             teacher_ce_grad=w.router_teacher_ce_weight > 0,
         )
-        token_mask = attention_mask.reshape(-1).bool() if attention_mask is not None else None
-        out = self.router_terms(records, token_mask)
-        out["token_loss_sum"] = w.alpha_kd * kd + w.alpha_ce * ce + w.router_teacher_ce_weight * t_ce
-        out["kd_sum"] = kd.detach()
-        out["ce_sum"] = ce.detach()
-        out["teacher_ce_sum"] = t_ce.detach()
-        out["num_tokens"] = (labels != losses.IGNORE_INDEX).sum()
-        return out
-
-    @torch.no_grad()
-    def eval_nll(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Student and teacher NLL sums (native routing) and the token count, for perplexity."""
-        labels = losses.shift_labels(input_ids, attention_mask)
-        t_out, records = self._teacher_body(input_ids, attention_mask)
-        s_out = self.student.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        _, ce, t_ce = losses.chunked_lm_losses(
-            s_out.last_hidden_state,
-            t_out.last_hidden_state,
-            self.student.get_output_embeddings(),
-            self.teacher.get_output_embeddings(),
-            labels,
-            temperature=1.0,
-            chunk_size=self.weights.kd_chunk_size,
-            vocab_size=self.vocab_size,
-        )
-        n = (labels != losses.IGNORE_INDEX).sum()
-        token_mask = attention_mask.reshape(-1).bool() if attention_mask is not None else None
         return {
-            "student_nll": ce,
-            "student_tokens": n,
-            "teacher_nll": t_ce,
-            "teacher_tokens": n,
+            "kd_sum": kd,
+            "ce_sum": ce,
+            "teacher_ce_sum": t_ce,
             "records": records,
-            "token_mask": token_mask,
+            "router_mask": mask.reshape(-1).bool() if mask is not None else None,
+        }
+
+    def _hidden_sums(self, batch):
+        w = self.weights
+        s_ids, s_mask = batch["student_ids"], batch["student_mask"]
+        t_ids, t_mask = batch["teacher_ids"], batch["teacher_mask"]
+        need_all = any(t != -1 or s != -1 for t, s in self.layer_pairs)
+        t_out, records = self._teacher_body(t_ids, t_mask, hidden_states=need_all)
+        s_out = self._student_body(s_ids, s_mask, hidden_states=need_all)
+        weights, aligned = alignment.overlap_alignment(
+            batch["student_offsets"], s_mask, batch["teacher_offsets"], t_mask
+        )
+        mse = sum(
+            alignment.hidden_mse_sum(self._layer(s_out, s), self._layer(t_out, t), weights, aligned, proj)
+            for (t, s), proj in zip(self.layer_pairs, self.projection)
+        ) / len(self.layer_pairs)
+        s_labels = losses.shift_labels(s_ids, s_mask)
+        ce = losses.chunked_ce(s_out.last_hidden_state, self.student.get_output_embeddings(), s_labels, w.kd_chunk_size)
+        if w.router_teacher_ce_weight > 0:
+            t_labels = losses.shift_labels(t_ids, t_mask)
+            t_ce = losses.chunked_ce(
+                t_out.last_hidden_state, self.teacher.get_output_embeddings(), t_labels, w.kd_chunk_size
+            )
+        else:  # the teacher's 151,936-wide head is not run for nothing
+            t_ce = torch.zeros((), device=s_ids.device)
+        return {
+            "kd_sum": mse,
+            "ce_sum": ce,
+            "teacher_ce_sum": t_ce,
+            "aligned_tokens": aligned.sum(),
+            "student_tokens": s_mask.sum(),
+            "records": records,
+            "router_mask": t_mask.reshape(-1).bool(),
+        }
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def eval_nll(self, batch: dict[str, torch.Tensor]) -> dict:
+        """Student and teacher NLL sums on their own tokens (native routing), token counts, router records."""
+        chunk = self.weights.kd_chunk_size
+        if self.mode == "logit":
+            s_ids = t_ids = batch["input_ids"]
+            s_mask = t_mask = batch.get("attention_mask")
+        else:
+            s_ids, s_mask = batch["student_ids"], batch["student_mask"]
+            t_ids, t_mask = batch["teacher_ids"], batch["teacher_mask"]
+        s_labels, t_labels = losses.shift_labels(s_ids, s_mask), losses.shift_labels(t_ids, t_mask)
+        t_out, records = self._teacher_body(t_ids, t_mask)
+        s_out = self._student_body(s_ids, s_mask)
+        t_head = self.teacher.get_output_embeddings()
+        return {
+            "student_nll": losses.chunked_ce(
+                s_out.last_hidden_state, self.student.get_output_embeddings(), s_labels, chunk
+            ),
+            "student_tokens": (s_labels != losses.IGNORE_INDEX).sum(),
+            "teacher_nll": losses.chunked_ce(t_out.last_hidden_state, t_head, t_labels, chunk),
+            "teacher_tokens": (t_labels != losses.IGNORE_INDEX).sum(),
+            "records": records,
+            "token_mask": t_mask.reshape(-1).bool() if t_mask is not None else None,
         }

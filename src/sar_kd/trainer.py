@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import __version__, data, losses, routers
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, parse_layer_pairs
 from .loading import (
     DTYPES,
     enable_checkpointing,
@@ -25,7 +25,7 @@ from .loading import (
     max_positions,
     set_frozen_teacher_mode,
 )
-from .objective import ObjectiveWeights, SARKDModel
+from .objective import ObjectiveWeights, SARKDModel, make_projection
 
 logger = logging.getLogger("sar_kd")
 
@@ -116,12 +116,17 @@ class Trainer:
 
         same, why = compare_tokenizers(self.teacher_tok, self.student_tok)
         self.mode = "logit" if same else "hidden"
-        self._log(f"tokenizers {'compatible' if same else 'differ'} ({why}): {self.mode} distillation mode")
+        self._log(
+            f"tokenizers {'compatible' if same else 'differ'} ({why}): "
+            + ("logit distillation (KL on logits)" if same else "dual-tokenizer hidden-state distillation")
+        )
         if self.mode == "hidden":
-            raise ConfigError(
-                "the teacher and student tokenizers differ; dual-tokenizer (hidden-state) distillation "
-                "is not available in this version: use a student with the teacher's tokenizer"
-            )
+            for role, tok in (("teacher", self.teacher_tok), ("student", self.student_tok)):
+                if not getattr(tok, "is_fast", False):
+                    raise ConfigError(
+                        f"the tokenizers differ and the {role} tokenizer is a slow (Python) tokenizer without "
+                        "offset mappings; dual-tokenizer mode needs fast tokenizers (tokenizer.json)"
+                    )
 
     def _setup_models(self) -> None:
         cfg = self.cfg
@@ -169,9 +174,22 @@ class Trainer:
             router_teacher_ce_weight=cfg.router_teacher_ce_weight,
             kd_chunk_size=cfg.kd_chunk_size,
         )
+        projection, pairs = None, None
+        if self.mode == "hidden":
+            pairs = parse_layer_pairs(cfg.hidden_layer_pairs)
+            for t, st in pairs:
+                for role, idx, model in (("teacher", t, teacher), ("student", st, student)):
+                    n = model.config.num_hidden_layers
+                    if not -1 <= idx <= n:
+                        raise ConfigError(
+                            f"--hidden_layer_pairs: {role} layer {idx} out of range (-1 or 0..{n} for this {role})"
+                        )
+            projection = make_projection(teacher.config.hidden_size, student.config.hidden_size, len(pairs))
         self.routers = found
         self.controller = controller
-        self.model = SARKDModel(student, teacher, controller, r_params, weights, vocab_size=vocab)
+        self.model = SARKDModel(
+            student, teacher, controller, r_params, weights, vocab_size=vocab, projection=projection, layer_pairs=pairs
+        )
         self.model.to(self.accelerator.device)
 
     def _setup_data(self) -> None:
@@ -179,18 +197,31 @@ class Trainer:
         train_texts, val_texts = data.load_texts(cfg)
         if not any(t.strip() for t in train_texts):
             raise ConfigError("the training data is empty: no text found")
-        tok = self.teacher_tok
-        train = {"input_ids": data.pack_token_blocks(train_texts, tok, cfg.block_size)}
-        if data.num_blocks(train) == 0:
+
+        def blocks(texts):
+            if self.mode == "logit":
+                return data.logit_blocks(texts, self.teacher_tok, cfg.block_size)
+            return data.pack_dual_blocks(texts, self.student_tok, self.teacher_tok, cfg.block_size)
+
+        train = blocks(train_texts)
+        if not train or data.num_blocks(train) == 0:
             raise ConfigError(
-                f"the training data holds fewer than --block_size {cfg.block_size} tokens: give more text or a smaller block size"
+                f"the training data holds fewer than --block_size {cfg.block_size} tokens: "
+                "give more text or a smaller block size"
             )
         if val_texts is not None:
-            val = {"input_ids": data.pack_token_blocks(val_texts, tok, cfg.block_size)}
-            if data.num_blocks(val) == 0:
+            val = blocks(val_texts)
+            if not val or data.num_blocks(val) == 0:
                 raise ConfigError(f"the validation data holds fewer than --block_size {cfg.block_size} tokens")
         else:
             train, val = data.split_validation(train, cfg.validation_split_percentage)
+        if self.mode == "hidden":
+            cov = data.alignment_coverage(train)
+            util = float(train["student_mask"].float().mean()), float(train["teacher_mask"].float().mean())
+            self._log(
+                f"dual-tokenizer blocks: alignment coverage {cov:.4f}, "
+                f"block fill {util[0]:.1%} (student) / {util[1]:.1%} (teacher)"
+            )
         self.train_blocks, self.val_blocks = train, val
         acc = self.accelerator
         self.stream = data.BatchStream(train, cfg.per_device_batch_size, cfg.seed, acc.process_index, acc.num_processes)
@@ -267,36 +298,37 @@ class Trainer:
         dev = self.accelerator.device
         return [{k: v.to(dev) for k, v in next(self.stream).items()} for _ in range(self.cfg.grad_accum_steps)]
 
-    def _global_tokens(self, window: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        ids = [b["input_ids"] for b in window]
-        n = torch.tensor(sum(int(i.shape[0] * (i.shape[1] - 1)) for i in ids), device=self.accelerator.device)
-        return self.accelerator.reduce(n, reduction="sum")
+    def _global_counts(self, window: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Token counts of each loss over the whole window and all processes."""
+        local = torch.stack([sum(b[k].sum() for b in window) for k in ("n_kd", "n_ce", "n_tce")]).float()
+        total = self.accelerator.reduce(local, reduction="sum")
+        return dict(zip(("kd", "ce", "tce"), (max(float(v), 1.0) for v in total)))
 
     def train_step(self) -> dict[str, float]:
         """One optimizer update over ``grad_accum_steps`` micro-batches; returns its metrics."""
         cfg, acc = self.cfg, self.accelerator
         t0 = time.perf_counter()
         window = self._window()
-        n_global = self._global_tokens(window).float()
+        counts = self._global_counts(window)
         world = acc.num_processes
-        sums = {k: 0.0 for k in ("kd_sum", "ce_sum", "teacher_ce_sum")}
-        reg = {k: 0.0 for k in ("router_anchor", "router_entropy", "router_load_balance")}
-        n_local = 0
+        # DDP averages gradients over processes, so each one divides by (global count / world).
+        norms = {k: v / world for k, v in counts.items()}
+        norms["router_scale"] = 1.0 / len(window)
+        keys = ("kd_sum", "ce_sum", "teacher_ce_sum", "aligned_tokens", "student_tokens")
+        sums = dict.fromkeys(keys, 0.0)
+        reg = dict.fromkeys(("router_anchor", "router_entropy", "router_load_balance"), 0.0)
         self.controller.active = True
         for i, batch in enumerate(window):
             sync = i == len(window) - 1
             ctx = acc.no_sync(self.ddp_model) if not sync else _nullcontext()
             with ctx:
-                out = self.ddp_model(**batch)
-                # Sum over tokens / tokens of the whole window (all ranks); DDP averages over ranks,
-                # hence the factor `world`.
-                loss = out["token_loss_sum"] * world / n_global + out["router_loss"] / len(window)
-                acc.backward(loss)
-            for k in sums:
-                sums[k] += float(out[k])
+                out = self.ddp_model(_model_inputs(batch), norms)
+                acc.backward(out["loss"])
+            for k in keys:
+                if k in out:
+                    sums[k] += float(out[k])
             for k in reg:
                 reg[k] += float(out[k]) / len(window)
-            n_local += int(out["num_tokens"])
         self.controller.active = False
         acc.unscale_gradients()
         r_norm = _grad_norm(self.model.router_params.values())
@@ -315,31 +347,36 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         dt = time.perf_counter() - t0
-        n_tok = max(n_local, 1)
+        # Per-token means over the window (all processes), as the loss itself is normalised.
+        local = torch.tensor([sums["kd_sum"], sums["ce_sum"], sums["teacher_ce_sum"]], device=acc.device)
+        kd, ce, tce = (float(v) for v in acc.reduce(local, "sum") / torch.tensor(
+            [counts["kd"], counts["ce"], counts["tce"]], device=acc.device))  # fmt: skip
         w = self.model.weights
-        kd, ce, tce = sums["kd_sum"] / n_tok, sums["ce_sum"] / n_tok, sums["teacher_ce_sum"] / n_tok
         total = w.alpha_kd * kd + w.alpha_ce * ce + w.router_teacher_ce_weight * tce
         total += (
             w.router_anchor_weight * reg["router_anchor"]
             - w.router_entropy_weight * reg["router_entropy"]
             + w.router_load_balance_weight * reg["router_load_balance"]
         )
-        tokens = sum(int(b["input_ids"].numel()) for b in window) * world
-        return {
+        metrics = {
             "step": self.step,
             "loss": total,
             "kd_loss": kd,
             "ce_loss": ce,
-            "teacher_ce": tce,
+            "teacher_ce": tce if (self.mode == "logit" or w.router_teacher_ce_weight > 0) else None,
             **reg,
             "router_grad_norm": r_norm,
             "student_grad_norm": s_norm,
             "lr_student": lrs["student"],
             "lr_router": lrs["router"],
-            "tokens_per_s": tokens / dt,
+            "tokens_per_s": counts["ce"] / dt,  # predicted student tokens, all processes
             "step_time_s": dt,
             "skipped_steps": self.skipped_steps,
         }
+        if self.mode == "hidden":
+            metrics["hidden_mse"] = kd
+            metrics["align_coverage"] = sums["aligned_tokens"] / max(sums["student_tokens"], 1.0)
+        return metrics
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -355,9 +392,9 @@ class Trainer:
         for i, batch in enumerate(data.eval_batches(self.val_blocks, cfg.per_device_batch_size, cfg.eval_max_batches)):
             if i % acc.num_processes != acc.process_index:
                 continue
-            batch = {k: v.to(dev) for k, v in batch.items()}
+            batch = {k: v.to(dev) for k, v in _model_inputs(batch).items()}
             with acc.autocast():
-                r = m.eval_nll(**batch)
+                r = m.eval_nll(batch)
             totals += torch.stack(
                 [
                     r["student_nll"].double(),
@@ -462,7 +499,10 @@ class Trainer:
         self.student_tok.save_pretrained(out / "student")
         torch.save(self.router_update(), out / "router_update.pt")
         if self.model.projection is not None:
-            torch.save(self.model.projection.state_dict(), out / "projection.pt")
+            torch.save(
+                {"layer_pairs": self.model.layer_pairs, "state_dict": self.model.projection.state_dict()},
+                out / "projection.pt",
+            )
 
     def save_checkpoint(self) -> Path:
         """OUTPUT/checkpoint-STEP with the outputs and the full training state, written atomically."""
@@ -534,6 +574,11 @@ def resolve_checkpoint(output_dir: str, where: str) -> Path:
     if not (p / TRAINER_STATE).is_file():
         raise ConfigError(f"--resume_from_checkpoint {where}: not a SAR-KD checkpoint directory")
     return p
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors the model reads (the per-block counts are for normalisation only)."""
+    return {k: v for k, v in batch.items() if not k.startswith("n_")}
 
 
 def _grad_norm(params) -> float:
