@@ -20,11 +20,13 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).exists()
 
 
-def _check_source(name: str, role: str) -> None:
+def _check_source(name: str, role: str, need_config: bool = True) -> None:
     p = Path(name).expanduser()
     if p.exists():
         if not p.is_dir():
             raise ConfigError(f"--{role}_model {name}: not a directory")
+        if not need_config:
+            return
         if not (p / "config.json").is_file():
             raise ConfigError(f"--{role}_model {name}: no config.json in that directory")
         if not os.access(p / "config.json", os.R_OK):
@@ -37,7 +39,7 @@ def load_tokenizer(name: str, role: str, trust_remote_code: bool = False):
     """``AutoTokenizer.from_pretrained`` with a one-line error on failure."""
     from transformers import AutoTokenizer
 
-    _check_source(name, role)
+    _check_source(name, role, need_config=False)
     try:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as e:

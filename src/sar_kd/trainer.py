@@ -71,8 +71,11 @@ def _check_output_dir(cfg: TrainConfig) -> None:
 class Trainer:
     """One SAR-KD run. ``Trainer(cfg).run()`` does everything; the pieces are usable on their own."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, teacher=None, student=None) -> None:
+        """``teacher``/``student``: already-built models to use instead of loading ``cfg.*_model``
+        (the tokenizers are still loaded from those paths)."""
         self.cfg = cfg
+        self._given_models = (teacher, student)
         self.metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
         self.step = 0
         self.skipped_steps = 0
@@ -130,17 +133,25 @@ class Trainer:
 
     def _setup_models(self) -> None:
         cfg = self.cfg
-        t_conf = load_config(cfg.teacher_model, "teacher", cfg.trust_remote_code)
+        teacher, student = self._given_models
+        t_conf = (
+            teacher.config if teacher is not None else load_config(cfg.teacher_model, "teacher", cfg.trust_remote_code)
+        )
+        s_conf = (
+            student.config if student is not None else load_config(cfg.student_model, "student", cfg.trust_remote_code)
+        )
         routers.moe_dims(t_conf)  # fail fast on a dense teacher, before loading weights
-        for role, conf in (("teacher", t_conf), ("student", load_config(cfg.student_model, "student"))):
+        for role, conf in (("teacher", t_conf), ("student", s_conf)):
             limit = max_positions(conf)
             if limit is not None and cfg.block_size > limit:
                 raise ConfigError(
                     f"--block_size {cfg.block_size} exceeds the {role}'s maximum positions ({limit}); lower --block_size"
                 )
         compute_dtype = DTYPES[cfg.model_dtype]
-        teacher = load_model(cfg.teacher_model, "teacher", compute_dtype, cfg.trust_remote_code)
-        student = load_model(cfg.student_model, "student", torch.float32, cfg.trust_remote_code)
+        if teacher is None:
+            teacher = load_model(cfg.teacher_model, "teacher", compute_dtype, cfg.trust_remote_code)
+        if student is None:
+            student = load_model(cfg.student_model, "student", torch.float32, cfg.trust_remote_code)
         found = routers.find_routers(teacher, cfg.router_patterns)
         self._log("teacher routers:\n" + routers.router_table(found))
         r_params = routers.freeze_all_but_routers(teacher, found)

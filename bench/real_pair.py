@@ -1,0 +1,73 @@
+"""The real teacher/student architectures with random weights, for benchmarks (no download).
+
+Built on the meta-free path from the vendored configs (``sar_kd/assets/configs``): Huihui-MoE-1B-A0.6B
+(Qwen3-MoE, 28 layers, hidden 1024, 3 experts, top-1) and SmolLM-135M (Llama, 30 layers, hidden 576).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sar_kd.config import TrainConfig, validate_config
+from sar_kd.estimate import builtin_config
+from sar_kd.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_trainer(
+    dev: torch.device, mode: str = "hidden", block_size: int = 1024, model_dtype: str = "float32", **over
+):
+    """A set-up :class:`Trainer` on the real architectures (random weights) and real tokenizers."""
+    import lzma
+
+    from transformers import AutoModelForCausalLM
+
+    sys_tmp = Path(tempfile.mkdtemp())
+    fix = ROOT / "tests" / "fixtures"
+    import shutil
+
+    dirs = {}
+    for name in ("qwen3", "smollm"):
+        d = sys_tmp / name
+        d.mkdir()
+        (d / "tokenizer.json").write_bytes(lzma.decompress((fix / f"{name}_tokenizer.json.xz").read_bytes()))
+        shutil.copy(fix / f"{name}_tokenizer_config.json", d / "tokenizer_config.json")
+        dirs[name] = d
+    text = lzma.decompress((fix / "wiki.valid.raw.xz").read_bytes()).decode()
+    train = sys_tmp / "train.txt"
+    train.write_text(text)
+    t_conf = builtin_config("teacher")
+    s_conf = builtin_config("student")
+    if mode == "logit":  # same tokenizer: the student gets the teacher's vocabulary
+        s_conf.vocab_size = t_conf.vocab_size
+    torch.manual_seed(0)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[model_dtype]
+    teacher = AutoModelForCausalLM.from_config(t_conf, dtype=dtype)
+    student = AutoModelForCausalLM.from_config(s_conf, dtype=torch.float32)
+    for name, p in teacher.named_parameters():
+        if name.endswith("mlp.gate.weight"):
+            torch.nn.init.normal_(p, std=0.02)
+    cfg = TrainConfig(
+        teacher_model=str(dirs["qwen3"]),
+        student_model=str(dirs["qwen3" if mode == "logit" else "smollm"]),
+        train_file=str(train),
+        block_size=block_size,
+        per_device_batch_size=1,
+        grad_accum_steps=1,
+        train_steps=10,
+        eval_steps=0,
+        save_steps=0,
+        model_dtype=model_dtype,
+        cpu=dev.type == "cpu",
+        output_dir=str(sys_tmp / "out"),
+        **over,
+    )
+    validate_config(cfg)
+    trainer = Trainer(cfg, teacher=teacher, student=student)
+    trainer.setup()
+    trainer.controller.active = True
+    return trainer
