@@ -32,9 +32,9 @@ def _rows(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def trained(tiny_pair, tmp_path_factory):
-    """One CLI run of 4 steps, shared by the output checks below."""
+    """One CLI run of 8 steps (checkpoints at 4 and 8), shared by the output checks below."""
     out = tmp_path_factory.mktemp("run") / "out"
-    assert main(["train", *base_args(tiny_pair, out)]) == 0
+    assert main(["train", *base_args(tiny_pair, out, train_steps=8, eval_steps=4, save_steps=4)]) == 0
     return out
 
 
@@ -57,20 +57,25 @@ def test_cli_writes_every_output(trained, tiny_pair):
     rows = _rows(out)
     steps = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "student_ppl" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["step"] for r in steps] == list(range(1, 9))
     for r in steps:
         assert set(r) >= STEP_KEYS
         assert r["router_grad_norm"] > 0
-    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert [r["step"] for r in evals] == [0, 4, 8]
     for r in evals:
         assert 1 < r["student_ppl"] < 10_000 and 1 < r["teacher_ppl"] < 10_000
 
     cfg = json.loads((out / "sar_kd_config.json").read_text())
-    assert cfg["config"]["train_steps"] == 4 and "torch" in cfg["versions"]
+    assert cfg["config"]["train_steps"] == 8 and "torch" in cfg["versions"]
+    for r in evals:  # router insight: per-layer expert load of the validation split
+        assert len(r["expert_load"]) == 2 and all(abs(sum(layer) - 1) < 1e-3 for layer in r["expert_load"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["final_student_ppl"] == evals[-1]["student_ppl"]
+    assert summary["initial_expert_load"] == evals[0]["expert_load"]
 
 
 def test_checkpoints_hold_outputs_and_only_trainable_state(trained):
-    for step in (2, 4):
+    for step in (4, 8):
         cp = trained / f"checkpoint-{step}"
         assert (cp / "student/model.safetensors").is_file()
         assert (cp / "router_update.pt").is_file()
@@ -84,9 +89,9 @@ def test_checkpoints_hold_outputs_and_only_trainable_state(trained):
 def test_resume_reproduces_the_straight_run(trained, tiny_pair, tmp_path):
     out = tmp_path / "resumed"
     shutil.copytree(trained, out)
-    for p in ("checkpoint-4", "student", "router_update.pt", "summary.json"):
+    for p in ("checkpoint-8", "student", "router_update.pt", "summary.json"):
         shutil.rmtree(out / p) if (out / p).is_dir() else (out / p).unlink()
-    args = base_args(tiny_pair, out, resume_from_checkpoint="latest")
+    args = base_args(tiny_pair, out, train_steps=8, eval_steps=4, save_steps=4, resume_from_checkpoint="latest")
     assert main(["train", *args]) == 0
     a = load_file(trained / "student/model.safetensors")
     b = load_file(out / "student/model.safetensors")
@@ -98,9 +103,14 @@ def test_resume_reproduces_the_straight_run(trained, tiny_pair, tmp_path):
         assert torch.allclose(ua[k], ub[k], atol=1e-6)
     ra = [r for r in _rows(trained) if "loss" in r]
     rb = [r for r in _rows(out) if "loss" in r]
-    assert [r["step"] for r in rb] == [1, 2, 3, 4]
+    assert [r["step"] for r in rb] == list(range(1, 9))
     for x, y in zip(ra, rb):
-        assert abs(x["loss"] - y["loss"]) < 1e-5
+        for key in ("loss", "kd_loss", "ce_loss", "router_entropy", "router_grad_norm"):
+            assert abs(x[key] - y[key]) <= 1e-6 * max(1.0, abs(x[key])), (key, x, y)
+    ea = [r for r in _rows(trained) if "student_ppl" in r]
+    eb = [r for r in _rows(out) if "student_ppl" in r]
+    assert [r["step"] for r in eb] == [0, 4, 8]
+    assert abs(ea[-1]["student_ppl"] - eb[-1]["student_ppl"]) < 1e-4
 
 
 def test_apply_router_writes_adapted_teacher(trained, tiny_pair, tmp_path):
@@ -219,3 +229,100 @@ def test_train_script_runs_as_the_spec_shows(tiny_pair, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "student/config.json").is_file() and (out / "router_update.pt").is_file()
     assert "Qwen3MoeTopKRouter" in r.stderr  # the discovery table is logged
+
+
+def test_plot_renders_the_run(trained, tmp_path):
+    png = tmp_path / "curves.png"
+    assert main(["plot", str(trained), "--png", str(png)]) == 0
+    assert png.stat().st_size > 20_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_save_total_limit_keeps_the_newest(tiny_pair, tmp_path):
+    out = tmp_path / "limited"
+    args = base_args(tiny_pair, out, train_steps=6, save_steps=2, eval_steps=0, save_total_limit=2)
+    assert main(["train", *args]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_killed_mid_save_leaves_previous_checkpoint(tiny_pair, tmp_path, monkeypatch):
+    out = tmp_path / "killed"
+    cfg = config_from_args(base_args(tiny_pair, out, train_steps=4, save_steps=2, eval_steps=0))
+    trainer = Trainer(cfg)
+    real_save = Trainer.save_outputs
+    calls = []
+
+    def dying_save(self, where):
+        calls.append(where)
+        if self.step == 4:
+            real_save(self, where)
+            raise KeyboardInterrupt("killed while writing checkpoint-4")
+        real_save(self, where)
+
+    monkeypatch.setattr(Trainer, "save_outputs", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (out / "checkpoint-4").exists()  # only the temporary directory was being written
+    from sar_kd.trainer import resolve_checkpoint
+
+    assert resolve_checkpoint(str(out), "latest").name == "checkpoint-2"
+    monkeypatch.setattr(Trainer, "save_outputs", real_save)
+    assert main(["train", *base_args(tiny_pair, out, train_steps=4, save_steps=2, eval_steps=0,
+                                     resume_from_checkpoint="latest")]) == 0  # fmt: skip
+    assert (out / "checkpoint-4" / "trainer_state.json").is_file() and not list(out.glob("*.tmp"))
+
+
+def test_bf16_on_cpu_keeps_fp32_masters(tiny_pair, tmp_path):
+    cfg = config_from_args(base_args(tiny_pair, tmp_path / "bf16", model_dtype="bfloat16", train_steps=2, eval_steps=2,
+                                     save_steps=0))  # fmt: skip
+    trainer = Trainer(cfg)
+    trainer.setup()
+    teacher = trainer.model.teacher
+    routers_ = set(trainer.model.router_params)
+    for n, p in teacher.named_parameters():
+        assert p.dtype == (torch.float32 if n in routers_ else torch.bfloat16), n
+    assert all(p.dtype == torch.float32 for p in trainer.model.student.parameters())
+    summary = trainer.train()
+    trainer.controller.remove()
+    rows = [r for r in _rows(tmp_path / "bf16") if "loss" in r]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and r["router_grad_norm"] > 0 for r in rows)
+    assert 1 < summary["final_student_ppl"] < 10_000
+
+
+def test_tensorboard_tracker_writes_events(tiny_pair, tmp_path):
+    out = tmp_path / "tb"
+    assert main(["train", *base_args(tiny_pair, out, train_steps=2, eval_steps=2, save_steps=0,
+                                     report_to="tensorboard")]) == 0  # fmt: skip
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_non_finite_step_is_skipped_and_counted(tiny_pair, tmp_path, monkeypatch):
+    from sar_kd.objective import SARKDModel
+
+    real_forward = SARKDModel.forward
+    calls = [0]
+
+    def poisoned(self, batch, norms):
+        out = real_forward(self, batch, norms)
+        calls[0] += 1
+        if calls[0] == 3:  # the first micro-batch of step 2
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(SARKDModel, "forward", poisoned)
+    out = tmp_path / "nan"
+    cfg = config_from_args(base_args(tiny_pair, out, train_steps=3, eval_steps=0, save_steps=0))
+    trainer = Trainer(cfg)
+    trainer.setup()
+    before = {k: v.clone() for k, v in trainer.model.student.state_dict().items()}
+    trainer.train_step()
+    after_1 = {k: v.clone() for k, v in trainer.model.student.state_dict().items()}
+    m2 = trainer.train_step()
+    after_2 = trainer.model.student.state_dict()
+    trainer.controller.remove()
+    assert m2["skipped_steps"] == 1
+    assert any(not torch.equal(before[k], after_1[k]) for k in before)  # step 1 was applied
+    assert all(torch.equal(after_1[k], after_2[k]) for k in after_1)  # step 2 was dropped, no NaN applied
+    assert all(torch.isfinite(v).all() for v in after_2.values())

@@ -78,9 +78,17 @@ def apply_router_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def plot_main(argv: list[str] | None = None) -> int:
+    """Render a run's curves (see :mod:`sar_kd.plot`)."""
+    from .plot import plot_main as run
+
+    return run(argv)
+
+
 COMMANDS = {
     "train": ("Train a student and the teacher's routers (same flags as train_sar_kd.py).", train_main),
     "apply-router": ("Write the teacher with trained routers applied.", apply_router_main),
+    "plot": ("Render a run's training curves and router statistics to a PNG.", plot_main),
 }
 
 

@@ -163,12 +163,16 @@ def router_anchor(params: dict[str, torch.Tensor], initial: dict[str, torch.Tens
     return sum(((p.float() - initial[n]) ** 2).sum() for n, p in params.items())
 
 
-def expert_load(records: list[RouterRecord], token_mask: torch.Tensor | None = None) -> list[list[float]]:
-    """Per router, the fraction of (token, slot) assignments that went to each expert (no gradient)."""
-    loads = []
+def expert_counts(records: list[RouterRecord], token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(routers, experts) number of (token, slot) assignments to each expert (no gradient)."""
+    rows = []
     for r in records:
         idx = r.indices if token_mask is None else r.indices[token_mask]
-        num_experts = r.logits.shape[-1]
-        counts = torch.bincount(idx.reshape(-1), minlength=num_experts).float()
-        loads.append((counts / max(idx.numel(), 1)).tolist())
-    return loads
+        rows.append(torch.bincount(idx.reshape(-1), minlength=r.logits.shape[-1]).float())
+    return torch.stack(rows)
+
+
+def expert_load(records: list[RouterRecord], token_mask: torch.Tensor | None = None) -> list[list[float]]:
+    """Per router, the fraction of (token, slot) assignments that went to each expert (no gradient)."""
+    counts = expert_counts(records, token_mask)
+    return (counts / counts.sum(-1, keepdim=True).clamp(min=1)).tolist()

@@ -31,6 +31,7 @@ logger = logging.getLogger("sar_kd")
 
 RUN_CONFIG = "sar_kd_config.json"
 TRAINER_STATE = "trainer_state.json"
+MAX_CONSECUTIVE_SKIPS = 25
 
 
 def versions() -> dict[str, str]:
@@ -79,6 +80,7 @@ class Trainer:
         self.metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
         self.step = 0
         self.skipped_steps = 0
+        self.consecutive_skips = 0
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ setup
@@ -107,7 +109,23 @@ class Trainer:
         if cfg.model_dtype == "bfloat16" and use_cuda and not torch.cuda.is_bf16_supported():
             raise ConfigError("--model_dtype bfloat16 is not supported by this GPU; use --model_dtype float16")
         mp = {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}[cfg.model_dtype]
-        self.accelerator = Accelerator(mixed_precision=mp, cpu=cfg.cpu or not use_cuda)
+        log_with = None
+        if cfg.report_to != "none":
+            import importlib.util
+
+            if importlib.util.find_spec(cfg.report_to) is None:
+                raise ConfigError(
+                    f"--report_to {cfg.report_to}: the package is not installed (pip install {cfg.report_to})"
+                )
+            log_with = cfg.report_to
+        from accelerate.state import AcceleratorState
+
+        # Several runs in one process (the demo, the tests) may use different precisions: accelerate
+        # keeps a process-wide singleton, so reset it (the distributed PartialState is kept).
+        AcceleratorState._reset_state(reset_partial_state=False)
+        self.accelerator = Accelerator(
+            mixed_precision=mp, cpu=cfg.cpu or not use_cuda, log_with=log_with, project_dir=cfg.output_dir
+        )
         self.is_main = self.accelerator.is_main_process
         set_seed(cfg.seed)
 
@@ -344,16 +362,26 @@ class Trainer:
         acc.unscale_gradients()
         r_norm = _grad_norm(self.model.router_params.values())
         s_norm = _grad_norm(p for p in self.model.student.parameters() if p.requires_grad)
-        if cfg.max_grad_norm > 0:
+        p_norm = _grad_norm(self.model.projection.parameters()) if self.model.projection is not None else 0.0
+        finite = all(math.isfinite(v) for v in (r_norm, s_norm, p_norm))
+        if cfg.max_grad_norm > 0 and finite:
             torch.nn.utils.clip_grad_norm_(
                 [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
             )
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}  # the rates this update used
-        self.optimizer.step()
-        skipped = acc.optimizer_step_was_skipped
+        if acc.scaler is None and not finite:
+            skipped = True  # fp32/bf16: no scaler to back off, so this update is dropped, visibly
+        else:
+            self.optimizer.step()
+            skipped = acc.optimizer_step_was_skipped  # fp16: the GradScaler found inf/NaN
         if skipped:
             self.skipped_steps += 1
+            self.consecutive_skips += 1
+            logger.warning(
+                "step %d: non-finite gradients, update skipped (%d so far)", self.step + 1, self.skipped_steps
+            )
         else:
+            self.consecutive_skips = 0
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -378,6 +406,7 @@ class Trainer:
             **reg,
             "router_grad_norm": r_norm,
             "student_grad_norm": s_norm,
+            "projection_grad_norm": p_norm if self.model.projection is not None else None,
             "lr_student": lrs["student"],
             "lr_router": lrs["router"],
             "tokens_per_s": counts["ce"] / dt,  # predicted student tokens, all processes
@@ -397,41 +426,39 @@ class Trainer:
         m.student.eval()
         self.controller.active = False
         dev = acc.device
-        totals = torch.zeros(4, dtype=torch.float64, device=dev)
-        loads: list[list[float]] | None = None
-        ent_sum, n_batches = 0.0, 0
+        totals = torch.zeros(6, dtype=torch.float64, device=dev)  # NLLs, token counts, entropy sum, router tokens
+        counts = torch.zeros(len(self.routers), self.routers[0].num_experts, dtype=torch.float64, device=dev)
         for i, batch in enumerate(data.eval_batches(self.val_blocks, cfg.per_device_batch_size, cfg.eval_max_batches)):
             if i % acc.num_processes != acc.process_index:
                 continue
             batch = {k: v.to(dev) for k, v in _model_inputs(batch).items()}
             with acc.autocast():
                 r = m.eval_nll(batch)
+            mask = r["token_mask"]
+            n_router_tokens = r["records"][0].logits.shape[0] if mask is None else mask.sum()
             totals += torch.stack(
                 [
                     r["student_nll"].double(),
                     r["student_tokens"].double(),
                     r["teacher_nll"].double(),
                     r["teacher_tokens"].double(),
+                    losses.router_entropy(r["records"], mask).double() * n_router_tokens,
+                    torch.as_tensor(n_router_tokens, dtype=torch.float64, device=dev),
                 ]
             )
-            batch_loads = losses.expert_load(r["records"], r["token_mask"])
-            loads = (
-                batch_loads if loads is None else [[a + b for a, b in zip(x, y)] for x, y in zip(loads, batch_loads)]
-            )
-            ent_sum += float(losses.router_entropy(r["records"], r["token_mask"]))
-            n_batches += 1
+            counts += losses.expert_counts(r["records"], mask).double()
         totals = acc.reduce(totals, reduction="sum")
+        counts = acc.reduce(counts, reduction="sum")
         m.student.train()
-        out = {
+        loads = counts / counts.sum(-1, keepdim=True).clamp(min=1)
+        return {
             "step": self.step,
             "student_ppl": math.exp(totals[0] / totals[1]),
             "teacher_ppl": math.exp(totals[2] / totals[3]),
             "eval_tokens": int(totals[1]),
+            "eval_router_entropy": float(totals[4] / totals[5]),
+            "expert_load": [[round(float(v), 4) for v in row] for row in loads],
         }
-        if loads is not None and n_batches:
-            out["expert_load"] = [[round(v / n_batches, 4) for v in layer] for layer in loads]
-            out["eval_router_entropy"] = ent_sum / n_batches
-        return out
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -439,17 +466,22 @@ class Trainer:
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
             self._write_run_config(out)
+        if cfg.report_to != "none":
+            flat = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in cfg.to_dict().items()}
+            self.accelerator.init_trackers("sar_kd", config=flat)
         start = time.perf_counter()
-        first_eval = last_eval = None
+        logged_evals = [h for h in self.history if "student_ppl" in h]  # from before a resume
+        first_eval = logged_evals[0] if logged_evals else None
+        last_eval = logged_evals[-1] if logged_evals else None
         if cfg.eval_steps and self.step == 0:
             first_eval = last_eval = self._record(self.evaluate())
         bar = _progress(cfg.train_steps, self.step, self.is_main)
         while self.step < cfg.train_steps:
             metrics = self.train_step()
-            if not math.isfinite(metrics["loss"]) and not self.accelerator.scaler:
+            if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
                 raise RuntimeError(
-                    f"loss became {metrics['loss']} at step {self.step} (fp32/bf16: nothing to skip); "
-                    "lower the learning rates"
+                    f"{self.consecutive_skips} consecutive optimizer steps had non-finite gradients (last: step "
+                    f"{self.step}); the run is diverging: lower --student_lr/--router_lr or use --model_dtype bfloat16"
                 )
             if self.step % cfg.logging_steps == 0 or self.step == cfg.train_steps:
                 self._record(metrics)
@@ -461,6 +493,8 @@ class Trainer:
             if cfg.save_steps and self.step % cfg.save_steps == 0:
                 self.save_checkpoint()
         bar.close()
+        if cfg.report_to != "none":
+            self.accelerator.end_training()
         self.save_outputs(out)
         wall = time.perf_counter() - start
         summary = {
@@ -485,6 +519,9 @@ class Trainer:
     # ------------------------------------------------------------------ saving
     def _record(self, metrics: dict[str, Any]) -> dict[str, Any]:
         self.history.append(metrics)
+        if self.cfg.report_to != "none":
+            scalars = {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "step"}
+            self.accelerator.log(scalars, step=metrics["step"])
         if self.is_main:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             with self.metrics_path.open("a") as f:
@@ -558,6 +595,7 @@ class Trainer:
             # Drop metrics logged after the checkpoint so the resumed log reads as one run.
             kept = [ln for ln in self.metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
             self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+            self.history = [json.loads(ln) for ln in kept]
         self._log(f"resumed from {path} at step {self.step}")
 
     def _log(self, msg: str) -> None:
