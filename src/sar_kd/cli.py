@@ -85,10 +85,26 @@ def plot_main(argv: list[str] | None = None) -> int:
     return run(argv)
 
 
+def estimate_main(argv: list[str] | None = None) -> int:
+    """Memory estimate from configs (see :mod:`sar_kd.estimate`)."""
+    from .estimate import estimate_main as run
+
+    return run(argv)
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    """The offline demo (see :mod:`sar_kd.demo`)."""
+    from .demo import demo_main as run
+
+    return run(argv)
+
+
 COMMANDS = {
+    "demo": ("Offline demo: CE only vs KD vs SAR-KD on small models and a bundled corpus.", demo_main),
     "train": ("Train a student and the teacher's routers (same flags as train_sar_kd.py).", train_main),
     "apply-router": ("Write the teacher with trained routers applied.", apply_router_main),
     "plot": ("Render a run's training curves and router statistics to a PNG.", plot_main),
+    "estimate": ("Estimate a run's memory from the model configs, with a verdict for a GPU size.", estimate_main),
 }
 
 

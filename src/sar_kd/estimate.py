@@ -1,15 +1,32 @@
-"""Memory estimate of a SAR-KD run from model configs alone (no weights are downloaded or allocated)."""
+"""Memory estimate of a SAR-KD run from model configs alone (no weights are downloaded or allocated).
+
+Parameter counts come from building both models on PyTorch's ``meta`` device. Activations follow a
+per-token count of the tensors a decoder layer keeps for its backward pass (flash-style attention,
+no T×T matrix); checkpointed layers keep only their input, plus one layer recomputed at a time.
+The numbers are validated against measured peaks (``bench/validate_estimate.py``, docs/memory.md).
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import re
+from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
-from .config import DEFAULT_STUDENT, DEFAULT_TEACHER
+from .config import DEFAULT_STUDENT, DEFAULT_TEACHER, ConfigError
 
 BUILTIN = {
     "teacher": ("huihui-moe-1b-a0.6b", DEFAULT_TEACHER),
     "student": ("smollm-135m", DEFAULT_STUDENT),
 }
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+GB = 1024**3
+# CUDA context, cuBLAS workspaces and allocator slack, seen on current GPUs (not part of the CPU check).
+CUDA_OVERHEAD_BYTES = int(0.75 * GB)
+GPU_SIZES_GB = (6, 8, 12, 16, 24, 40, 80)
+TABLE_BLOCKS = (256, 512, 1024, 2048)
 
 
 def builtin_config(role: str):
@@ -20,3 +37,250 @@ def builtin_config(role: str):
     path = resources.files("sar_kd.assets").joinpath("configs").joinpath(folder)
     with resources.as_file(path) as p:
         return AutoConfig.from_pretrained(str(p))
+
+
+def resolve_config(name: str, role: str):
+    """A model config from a local dir or hub id; the default pair falls back to the vendored copy."""
+    from .loading import load_config
+
+    if name == BUILTIN[role][1]:
+        try:
+            return load_config(name, role)
+        except ConfigError:
+            return builtin_config(role)
+    return load_config(name, role)
+
+
+@dataclass
+class ModelCounts:
+    params: int  # unique parameters (tied weights once)
+    router_params: int
+    layers: int
+    hidden: int
+    act_per_token: float  # elements kept per token by one average decoder layer (no checkpointing)
+    peak_layer_per_token: float  # elements of the largest layer
+    vocab: int
+
+
+def _layer_elements(conf, moe: bool) -> float:
+    h = conf.hidden_size
+    nh = conf.num_attention_heads
+    hd = getattr(conf, "head_dim", None) or h // nh
+    nkv = getattr(conf, "num_key_value_heads", None) or nh
+    q, kv = nh * hd, nkv * hd
+    # norms (fp32 copy + output) x2, q/k/v, rotary q/k and halves, q/k norms, SDPA q/k/v/out, o_proj input
+    attn = 4 * h + 3 * q + 2 * kv + 2 * (q + kv) + (q + kv) + (2 * q + 2 * kv) + q
+    if moe:
+        k = getattr(conf, "num_experts_per_tok", 1) or 1
+        im = getattr(conf, "moe_intermediate_size", None) or conf.intermediate_size
+        e = next(
+            getattr(conf, a) for a in ("num_experts", "num_local_experts", "n_routed_experts") if getattr(conf, a, None)
+        )
+        # router logits + fp32 probs; per chosen expert: gathered input, gate_up, act in/out, product, out, weighted
+        mlp = 2 * e + k * (3 * h + 2 * im + 3 * im)
+        shared = getattr(conf, "shared_expert_intermediate_size", 0) or 0
+        mlp += 5 * shared
+    else:
+        mlp = 5 * conf.intermediate_size
+    return float(attn + mlp)
+
+
+def count_model(conf) -> ModelCounts:
+    """Parameter and activation counts of a causal LM config, built on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .routers import find_routers
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(conf)
+    params = sum(p.numel() for p in model.parameters())
+    try:
+        routers = find_routers(model)
+        router_params = sum(p.numel() for r in routers for p in r.module.parameters(recurse=False))
+        moe = True
+    except ConfigError:
+        router_params, moe = 0, False
+    per_layer = _layer_elements(conf, moe)
+    return ModelCounts(
+        params=params,
+        router_params=router_params,
+        layers=conf.num_hidden_layers,
+        hidden=conf.hidden_size,
+        act_per_token=per_layer,
+        peak_layer_per_token=per_layer,
+        vocab=conf.vocab_size,
+    )
+
+
+def estimate_memory(
+    teacher_conf,
+    student_conf,
+    model_dtype: str = "float32",
+    block_size: int = 1024,
+    batch_size: int = 1,
+    mode: str = "hidden",
+    gradient_checkpointing: bool = True,
+    kd_chunk_size: int = 256,
+    layer_pairs: int = 1,
+    cuda: bool = True,
+) -> dict[str, Any]:
+    """Peak memory (bytes) of one training step, by component; ``total_bytes`` is their sum."""
+    t, s = count_model(teacher_conf), count_model(student_conf)
+    if t.router_params == 0:
+        raise ConfigError("the teacher config has no MoE routers: SAR-KD needs an MoE teacher")
+    half = model_dtype != "float32"
+    wb = DTYPE_BYTES[model_dtype]  # frozen teacher weights and activations under autocast
+    proj = layer_pairs * (t.hidden * s.hidden + s.hidden) if mode == "hidden" else 0
+    trainable = s.params + t.router_params + proj
+    tokens = batch_size * block_size
+    out: dict[str, Any] = {}
+    out["teacher_weights"] = (t.params - t.router_params) * wb + t.router_params * 4
+    out["student_weights"] = s.params * 4 + proj * 4
+    # autocast keeps a half copy of each fp32 weight it multiplies, for the whole forward
+    out["autocast_weight_copies"] = s.params * 2 if half else 0
+    out["gradients"] = trainable * 4
+    out["optimizer_states"] = trainable * 8  # AdamW exp_avg + exp_avg_sq, fp32
+    act_b = wb
+    if gradient_checkpointing:
+        kept = tokens * (t.layers * t.hidden + s.layers * s.hidden) * act_b
+        # one layer recomputed at a time, its activations and their gradients
+        recompute = 2 * tokens * max(t.peak_layer_per_token, s.peak_layer_per_token) * act_b
+    else:
+        kept = tokens * (t.layers * t.act_per_token + s.layers * s.act_per_token) * act_b
+        recompute = 0
+    out["activations"] = int(kept + recompute)
+    chunk = min(kd_chunk_size, tokens)
+    if mode == "logit":
+        # one chunk of both models' logits: raw, fp32, log-softmaxes, probabilities, product, gradients
+        out["logits"] = chunk * min(t.vocab, s.vocab) * 4 * 8
+    else:
+        # one chunk of the student's logits for its CE; alignment matrices and pooled teacher states
+        out["logits"] = chunk * s.vocab * 4 * 4
+        out["alignment"] = batch_size * block_size * block_size * 4 * 3 + tokens * (t.hidden + s.hidden) * 4 * 3
+    out["cuda_overhead"] = CUDA_OVERHEAD_BYTES if cuda else 0
+    out = {k: int(v) for k, v in out.items()}
+    out["total_bytes"] = sum(out.values())
+    out["params"] = {"teacher": t.params, "teacher_routers": t.router_params, "student": s.params, "projection": proj}
+    out["settings"] = {
+        "model_dtype": model_dtype,
+        "block_size": block_size,
+        "per_device_batch_size": batch_size,
+        "mode": mode,
+        "gradient_checkpointing": gradient_checkpointing,
+        "kd_chunk_size": kd_chunk_size,
+    }
+    return out
+
+
+def parse_size(text: str) -> int:
+    """'16GB', '16 GiB', '80G', '12000MB' -> bytes (GB taken as GiB, as GPU vendors label cards)."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([GMT]i?B?|)\s*", text, re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"--gpu_memory {text!r}: expected a size like 16GB")
+    unit = (m.group(2) or "G").upper()[0]
+    return int(float(m.group(1)) * {"M": 1024**2, "G": GB, "T": 1024**4}[unit])
+
+
+def _fmt(n: int) -> str:
+    return f"{n / GB:7.2f} GB"
+
+
+def format_estimate(est: dict[str, Any], gpu_bytes: int | None = None) -> str:
+    st = est["settings"]
+    lines = [
+        f"SAR-KD memory estimate ({st['mode']} mode, {st['model_dtype']}, block {st['block_size']}, "
+        f"batch {st['per_device_batch_size']}, checkpointing {'on' if st['gradient_checkpointing'] else 'off'})"
+    ]
+    for k, v in est.items():
+        if isinstance(v, int) and k != "total_bytes" and v:
+            lines.append(f"  {k.replace('_', ' '):24s}{_fmt(v)}")
+    lines.append(f"  {'total':24s}{_fmt(est['total_bytes'])}")
+    if gpu_bytes is not None:
+        verdict = "fits" if est["total_bytes"] <= gpu_bytes else "does NOT fit"
+        lines.append(f"verdict: {verdict} in {gpu_bytes / GB:.0f} GB")
+    return "\n".join(lines)
+
+
+TABLE_BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+def memory_table(teacher_conf, student_conf, mode: str = "hidden") -> str:
+    """Markdown table: per GPU size and dtype, the largest block size at batch 1 and the largest
+    per-device batch at block 1024 that fit (gradient checkpointing on)."""
+    dtypes = ("float16", "bfloat16", "float32")
+    rows = ["| GPU memory | " + " | ".join(dtypes) + " |", "|---:|" + "---|" * len(dtypes)]
+    limit = min(getattr(c, "max_position_embeddings", 1 << 30) for c in (teacher_conf, student_conf))
+    blocks = tuple(b for b in (256, 512, 1024, 2048, 4096, 8192) if b <= limit)
+    need = {
+        (d, b, n): estimate_memory(teacher_conf, student_conf, model_dtype=d, block_size=b, batch_size=n, mode=mode)[
+            "total_bytes"
+        ]
+        for d in dtypes
+        for b, n in [(b, 1) for b in blocks] + [(1024, n) for n in TABLE_BATCHES]
+    }
+    for gb in GPU_SIZES_GB:
+        cells = []
+        for d in dtypes:
+            fit_blocks = [b for b in blocks if need[(d, b, 1)] <= gb * GB]
+            fit_batches = [n for n in TABLE_BATCHES if need[(d, 1024, n)] <= gb * GB]
+            if not fit_blocks:
+                cells.append(f"does not fit (block 256 needs {need[(d, 256, 1)] / GB:.1f} GB)")
+                continue
+            cell = f"block ≤ {max(fit_blocks)}"
+            cell += f", batch ≤ {max(fit_batches)} at 1024" if fit_batches else ", batch 1 at 1024 does not fit"
+            cells.append(cell)
+        rows.append(f"| {gb} GB | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def estimate_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="sar-kd estimate",
+        description="Estimate the GPU memory of a SAR-KD run from the model configs (nothing is downloaded "
+        "but the configs; the default pair works offline).",
+    )
+    p.add_argument("--teacher_model", default=DEFAULT_TEACHER)
+    p.add_argument("--student_model", default=DEFAULT_STUDENT)
+    p.add_argument("--model_dtype", default="float32", choices=tuple(DTYPE_BYTES))
+    p.add_argument("--block_size", type=int, default=1024)
+    p.add_argument("--per_device_batch_size", type=int, default=1)
+    p.add_argument("--kd_chunk_size", type=int, default=256)
+    p.add_argument(
+        "--mode",
+        default="auto",
+        choices=("auto", "logit", "hidden"),
+        help="auto: hidden (dual-tokenizer) when the vocabulary sizes differ, else logit",
+    )
+    p.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--gpu_memory", default=None, help="Give a verdict for this GPU size, e.g. 16GB.")
+    p.add_argument("--json", action="store_true", help="Print one JSON object (with total_bytes).")
+    p.add_argument("--table", action="store_true", help="Print the README table of block sizes per GPU size.")
+    a = p.parse_args(argv)
+    if a.block_size <= 0 or a.per_device_batch_size <= 0:
+        raise ConfigError("--block_size and --per_device_batch_size must be > 0")
+    t_conf = resolve_config(a.teacher_model, "teacher")
+    s_conf = resolve_config(a.student_model, "student")
+    mode = a.mode if a.mode != "auto" else ("logit" if t_conf.vocab_size == s_conf.vocab_size else "hidden")
+    if a.table:
+        print(memory_table(t_conf, s_conf, mode))
+        return 0
+    gpu = parse_size(a.gpu_memory) if a.gpu_memory else None
+    est = estimate_memory(
+        t_conf,
+        s_conf,
+        model_dtype=a.model_dtype,
+        block_size=a.block_size,
+        batch_size=a.per_device_batch_size,
+        mode=mode,
+        gradient_checkpointing=a.gradient_checkpointing,
+        kd_chunk_size=a.kd_chunk_size,
+    )
+    if a.json:
+        if gpu is not None:
+            est["gpu_memory_bytes"] = gpu
+            est["fits"] = est["total_bytes"] <= gpu
+        print(json.dumps(est))
+    else:
+        print(format_estimate(est, gpu))
+    return 0

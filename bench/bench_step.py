@@ -1,0 +1,108 @@
+"""Benchmark: one SAR-KD optimizer step at the real widths, against its unavoidable parts.
+
+Real architectures (random weights from the vendored configs), real tokenizers, WikiText text,
+batch 1, gradient checkpointing on (as in a real run). Measures, in the same process:
+
+* ``step_ms``: ``Trainer.train_step`` (teacher + student forward/backward, losses, router terms,
+  optimizer update);
+* ``teacher_fb_ms``: teacher forward with the straight-through router hook + backward to the routers;
+* ``student_fb_ms``: student forward + CE + backward;
+* ``overhead_ratio`` = step / (teacher + student parts); target ≤ 1.10;
+* ``tokens_per_s``: student tokens per second of a full step.
+
+Prints one JSON line per mode.   python bench/bench_step.py [--block_size 256] [--modes hidden logit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def _time(fn, repeat: int, sync) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000
+
+
+def bench_mode(mode: str, block: int, dev: torch.device, dtype: str, repeat: int) -> dict:
+    from real_pair import build_trainer
+
+    from sar_kd import losses
+
+    trainer = build_trainer(dev, mode=mode, block_size=block, model_dtype=dtype)
+    m = trainer.model
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    batch = {k: v.to(dev) for k, v in next(iter(trainer.stream)).items()}
+    t_ids = batch["input_ids"] if mode == "logit" else batch["teacher_ids"]
+    t_mask = None if mode == "logit" else batch["teacher_mask"]
+    s_ids = batch["input_ids"] if mode == "logit" else batch["student_ids"]
+    s_mask = None if mode == "logit" else batch["student_mask"]
+    acc = trainer.accelerator
+
+    def teacher_part():
+        with acc.autocast():
+            out, _ = m._teacher_body(t_ids, t_mask)
+            probe = out.last_hidden_state.float().pow(2).mean()
+        probe.backward()
+        m.teacher.zero_grad(set_to_none=True)
+
+    def student_part():
+        with acc.autocast():
+            out = m._student_body(s_ids, s_mask)
+            labels = losses.shift_labels(s_ids, s_mask)
+            ce = losses.chunked_ce(out.last_hidden_state, m.student.get_output_embeddings(), labels, 256)
+        ce.backward()
+        m.student.zero_grad(set_to_none=True)
+
+    trainer.controller.active = True
+    trainer.train_step()  # warm-up (allocates optimizer state)
+    step_ms = _time(trainer.train_step, repeat, sync)
+    trainer.controller.active = True
+    teacher_ms = _time(teacher_part, repeat, sync)
+    student_ms = _time(student_part, repeat, sync)
+    tokens = int(batch["n_ce"].sum()) + 1
+    trainer.controller.remove()
+    return {
+        "bench": "train_step",
+        "mode": mode,
+        "model_dtype": dtype,
+        "block_size": block,
+        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "step_ms": round(step_ms, 1),
+        "teacher_fb_ms": round(teacher_ms, 1),
+        "student_fb_ms": round(student_ms, 1),
+        "overhead_ratio": round(step_ms / (teacher_ms + student_ms), 3),
+        "tokens_per_s": round(tokens / (step_ms / 1000), 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--block_size", type=int, default=256)
+    ap.add_argument("--model_dtype", default="float32")
+    ap.add_argument("--modes", nargs="+", default=["hidden", "logit"])
+    ap.add_argument("--repeat", type=int, default=2)
+    a = ap.parse_args()
+    for mode in a.modes:
+        print(json.dumps(bench_mode(mode, a.block_size, torch.device(a.device), a.model_dtype, a.repeat)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

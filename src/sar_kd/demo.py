@@ -1,0 +1,305 @@
+"""``sar-kd demo``: the whole method, offline, on 2 CPU cores in minutes.
+
+1. Train byte-level BPE tokenizer(s) on the bundled public-domain corpus (Tiny Shakespeare).
+2. Build a small Qwen3-MoE teacher shaped like the real one (top-1 routing, ``norm_topk_prob=True``)
+   and train it briefly on the corpus, so that it knows something (cached: a second run skips it).
+3. Distil a small Llama student with the same budget in three arms — CE only, KD with the router
+   frozen, SAR-KD with the router learning — over several seeds, through the real trainer
+   (``from_pretrained`` on the saved models, the same code path as a real run).
+4. Print a table of validation perplexities (mean ± spread over seeds) and router statistics, and
+   write the curves to a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, TrainConfig, validate_config
+
+logger = logging.getLogger("sar_kd")
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    alpha_kd: float
+    alpha_ce: float
+    router_lr: float
+    router_teacher_ce_weight: float = 0.0
+
+
+ARMS = {
+    "ce_only": Arm("CE only", alpha_kd=0.0, alpha_ce=1.0, router_lr=0.0),
+    "kd_frozen": Arm("KD, router frozen", alpha_kd=0.9, alpha_ce=0.1, router_lr=0.0),
+    "sarkd": Arm("SAR-KD (router learns)", alpha_kd=0.9, alpha_ce=0.1, router_lr=1e-3),
+    "sarkd_tce": Arm("SAR-KD + teacher CE", alpha_kd=0.9, alpha_ce=0.1, router_lr=1e-3, router_teacher_ce_weight=1.0),
+}
+DEFAULT_ARMS = ("ce_only", "kd_frozen", "sarkd")
+
+# Sizes chosen so the full default demo finishes in a few minutes on 2 CPU cores.
+TEACHER = dict(hidden=96, layers=4, experts=4, vocab_teacher=768)
+STUDENT = dict(hidden=48, layers=2)
+VOCAB_STUDENT_DUAL = 512
+
+
+def _corpus() -> tuple[list[str], list[str]]:
+    from .toy import shakespeare_text
+
+    lines = shakespeare_text().splitlines()
+    cut = int(len(lines) * 0.9)
+    return lines[:cut], lines[cut:]
+
+
+def _cache_key(mode: str, teacher_steps: int) -> str:
+    spec = json.dumps({"mode": mode, "teacher": TEACHER, "student": STUDENT, "steps": teacher_steps, "v": 1})
+    return hashlib.sha1(spec.encode()).hexdigest()[:10]
+
+
+def pretrain_teacher(path: Path, tokenizer, train_lines: list[str], steps: int, block: int = 128, batch: int = 16):
+    """Train the small MoE teacher with CE (routers with straight-through gradient and load balance)."""
+    from . import losses
+    from .data import pack_token_blocks
+    from .routers import RouterController, find_routers
+    from .toy import save_random_model, tiny_moe_config
+
+    conf = tiny_moe_config(
+        len(tokenizer),
+        hidden=TEACHER["hidden"],
+        layers=TEACHER["layers"],
+        experts=TEACHER["experts"],
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = save_random_model(conf, path / "init", seed=0, router_std=0.02)
+    blocks = pack_token_blocks(train_lines, tokenizer, block)
+    ctl = RouterController(find_routers(model), "straight_through")
+    ctl.active = True
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        ids = blocks[torch.randint(0, len(blocks), (batch,), generator=g)]
+        ctl.records, ctl.recording = [], True
+        logits = model(ids).logits
+        ctl.recording = False
+        labels = losses.shift_labels(ids)
+        ce = losses.ce_loss(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)) / (labels != -100).sum()
+        loss = ce + 0.01 * losses.router_load_balance(ctl.pop_records())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if (step + 1) % 100 == 0:
+            logger.info("  teacher step %d/%d ce %.3f (%.0fs)", step + 1, steps, float(ce), time.perf_counter() - t0)
+    ctl.remove()
+    model.save_pretrained(str(path / "teacher"))
+    tokenizer.save_pretrained(str(path / "teacher"))
+
+
+def prepare(cache: Path, mode: str, teacher_steps: int) -> dict[str, str]:
+    """Tokenizers, trained teacher and random student under ``cache`` (built once, then reused)."""
+    from transformers import AutoTokenizer
+
+    from .toy import save_random_model, tiny_llama_config, train_bpe_tokenizer
+
+    root = cache / f"{mode}-{_cache_key(mode, teacher_steps)}"
+    train_lines, val_lines = _corpus()
+    files = {"train": root / "train.txt", "val": root / "val.txt"}
+    done = root / "READY"
+    if not done.exists():
+        logger.info("demo: building tokenizers and training the teacher (cached in %s)", root)
+        root.mkdir(parents=True, exist_ok=True)
+        files["train"].write_text("\n".join(train_lines) + "\n")
+        files["val"].write_text("\n".join(val_lines) + "\n")
+        t_tok = train_bpe_tokenizer(train_lines, TEACHER["vocab_teacher"], root / "teacher_tok")
+        if mode == "dual":
+            s_tok = train_bpe_tokenizer(train_lines, VOCAB_STUDENT_DUAL, root / "student_tok")
+        else:
+            s_tok = AutoTokenizer.from_pretrained(str(root / "teacher_tok"))
+        pretrain_teacher(root, t_tok, train_lines, teacher_steps)
+        conf = tiny_llama_config(
+            len(s_tok),
+            hidden=STUDENT["hidden"],
+            layers=STUDENT["layers"],
+            eos_token_id=s_tok.eos_token_id,
+            pad_token_id=s_tok.pad_token_id,
+            bos_token_id=s_tok.eos_token_id,
+        )
+        save_random_model(conf, root / "student", seed=0, tokenizer=s_tok, router_std=None)
+        done.write_text("ok\n")
+    else:
+        logger.info("demo: reusing the cached teacher in %s", root)
+    return {"teacher": str(root / "teacher"), "student": str(root / "student"), **{k: str(v) for k, v in files.items()}}
+
+
+def run_arm(paths: dict[str, str], arm: Arm, seed: int, steps: int, out: Path, eval_every: int) -> dict:
+    """One distillation run through the real trainer; returns its summary and eval history."""
+    from .trainer import Trainer
+
+    cfg = TrainConfig(
+        teacher_model=paths["teacher"],
+        student_model=paths["student"],
+        train_file=paths["train"],
+        validation_file=paths["val"],
+        block_size=128,
+        per_device_batch_size=8,
+        grad_accum_steps=1,
+        train_steps=steps,
+        student_lr=3e-3,
+        router_lr=arm.router_lr,
+        alpha_kd=arm.alpha_kd,
+        alpha_ce=arm.alpha_ce,
+        router_teacher_ce_weight=arm.router_teacher_ce_weight,
+        temperature=2.0,
+        use_scheduler=True,
+        warmup_steps=max(1, steps // 20),
+        scheduler_type="cosine",
+        gradient_checkpointing=False,  # tiny models: memory is no concern, speed is
+        eval_steps=eval_every,
+        eval_max_batches=8,
+        save_steps=0,
+        seed=seed,
+        cpu=True,
+        output_dir=str(out),
+        overwrite_output_dir=True,
+        kd_chunk_size=512,
+    )
+    validate_config(cfg)
+    trainer = Trainer(cfg)
+    summary = trainer.run()
+    evals = [h for h in trainer.history if "student_ppl" in h]
+    return {"summary": summary, "evals": evals}
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return (
+        f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (min {min(values):.2f}, max {max(values):.2f})"
+    )
+
+
+def results_table(results: dict[str, list[dict]]) -> str:
+    """Markdown table of the demo's arms (mean ± standard deviation over seeds)."""
+    lines = [
+        "| arm | student ppl | teacher ppl after | routing entropy after | expert load change (L1) |",
+        "|---|---|---|---|---|",
+    ]
+    for key, runs in results.items():
+        s_ppl = [r["summary"]["final_student_ppl"] for r in runs]
+        t_ppl = [r["summary"]["final_teacher_ppl"] for r in runs]
+        ent = [r["summary"]["final_eval_router_entropy"] for r in runs]
+        moved = [
+            sum(
+                abs(a - b)
+                for la, lb in zip(r["summary"]["initial_expert_load"], r["summary"]["final_expert_load"])
+                for a, b in zip(la, lb)
+            )
+            for r in runs
+        ]
+        lines.append(
+            f"| {ARMS[key].name} | {_spread(s_ppl)} | {_spread(t_ppl)} | {statistics.mean(ent):.3f} | "
+            f"{statistics.mean(moved):.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_results(results: dict[str, list[dict]], png: Path, teacher_ppl0: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for key, runs in results.items():
+        steps = [e["step"] for e in runs[0]["evals"]]
+        for i, r in enumerate(runs):
+            kw = {"label": ARMS[key].name} if i == 0 else {}
+            color = {"ce_only": "C0", "kd_frozen": "C1", "sarkd": "C2", "sarkd_tce": "C3"}[key]
+            a1.plot(steps, [e["student_ppl"] for e in r["evals"]], color=color, alpha=0.8, **kw)
+            a2.plot(steps, [e["teacher_ppl"] for e in r["evals"]], color=color, alpha=0.8, **kw)
+    a1.set_title("student validation perplexity (one line per seed)")
+    a2.set_title("teacher validation perplexity")
+    a2.axhline(teacher_ppl0, color="gray", ls=":", label="teacher before distillation")
+    for a in (a1, a2):
+        a.set_xlabel("optimizer step")
+        a.set_yscale("log")
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def demo_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="sar-kd demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--mode", choices=("same", "dual"), default="same", help="same tokenizer (logit KD) or two tokenizers"
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per distillation run")
+    p.add_argument("--teacher_steps", type=int, default=600, help="teacher training steps (cached)")
+    p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
+    p.add_argument("--output_dir", default="outputs/demo")
+    p.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "sar_kd" / "demo"))
+    a = p.parse_args(argv)
+    if a.seeds < 1 or a.steps < 1 or a.teacher_steps < 1:
+        raise ConfigError("--seeds, --steps and --teacher_steps must be >= 1")
+    out = Path(a.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    paths = prepare(Path(a.cache_dir), a.mode, a.teacher_steps)
+    eval_every = max(1, a.steps // 6)
+    results: dict[str, list[dict]] = {}
+    quiet = logging.getLogger("sar_kd")
+    for key in a.arms:
+        results[key] = []
+        for seed in range(a.seeds):
+            level = quiet.level
+            quiet.setLevel(logging.WARNING)
+            try:
+                r = run_arm(paths, ARMS[key], seed, a.steps, out / "runs" / f"{key}-seed{seed}", eval_every)
+            finally:
+                quiet.setLevel(level)
+            results[key].append(r)
+            logger.info(
+                "demo: %-24s seed %d  student ppl %.2f  teacher ppl %.2f  (%.0fs elapsed)",
+                ARMS[key].name, seed, r["summary"]["final_student_ppl"], r["summary"]["final_teacher_ppl"],
+                time.perf_counter() - t0,
+            )  # fmt: skip
+    teacher_ppl0 = results[a.arms[0]][0]["summary"]["initial_teacher_ppl"]
+    table = results_table(results)
+    png = out / "demo_curves.png"
+    plot_results(results, png, teacher_ppl0)
+    report = {
+        "mode": a.mode,
+        "seeds": a.seeds,
+        "steps": a.steps,
+        "teacher_ppl_before": teacher_ppl0,
+        "student_ppl_before": results[a.arms[0]][0]["summary"]["initial_student_ppl"],
+        "arms": {k: [r["summary"] for r in v] for k, v in results.items()},
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    (out / "demo_results.json").write_text(json.dumps(report, indent=2))
+    (out / "demo_table.md").write_text(table + "\n")
+    print(
+        f"\nSAR-KD demo ({a.mode} tokenizer, {a.seeds} seed(s) x {a.steps} steps per arm; "
+        f"teacher ppl before distillation {teacher_ppl0:.2f}, untrained student {report['student_ppl_before']:.2f})\n"
+    )
+    print(table)
+    print(f"\ncurves: {png}\nresults: {out / 'demo_results.json'}   wall time {report['wall_time_s']:.0f}s")
+    if any(not math.isfinite(s["final_student_ppl"]) for v in report["arms"].values() for s in v):
+        raise ConfigError("a demo run diverged (non-finite perplexity)")
+    return 0
