@@ -28,7 +28,7 @@ def test_demo_pipeline_reduced(tmp_path, capsys):
         assert arm in printed
     assert (out / "demo_curves.png").stat().st_size > 10_000
     report = json.loads((out / "demo_results.json").read_text())
-    assert set(report["arms"]) == {"ce_only", "kd_frozen", "sarkd"}
+    assert set(report["arms"]) == {"ce_only", "kd_frozen", "sarkd", "sarkd_tce"}
     for runs in report["arms"].values():
         assert len(runs) == 1 and 1 < runs[0]["final_student_ppl"] < 1e4
     frozen, sarkd = report["arms"]["kd_frozen"][0], report["arms"]["sarkd"][0]

@@ -88,3 +88,10 @@ def test_table_rows():
     table = memory_table(builtin_config("teacher"), builtin_config("student"))
     assert len(table.splitlines()) == 2 + 7
     assert "block ≤ 2048" in table.splitlines()[-1]  # limited by SmolLM's 2048 positions
+
+
+def test_all_expert_training_costs_more_activation_memory():
+    st = estimate_memory(T, S, block_size=256, cuda=False)
+    topk = estimate_memory(T, S, block_size=256, cuda=False, router_grad="straight_through_topk")
+    assert st["activations"] > topk["activations"]
+    assert st["settings"]["router_grad"] == "straight_through"

@@ -148,14 +148,40 @@ def _top1_teacher(seed=0):
     return model
 
 
-def test_straight_through_matches_native_forward_and_gives_real_gradient():
+@pytest.mark.parametrize("mode", ["straight_through", "straight_through_topk"])
+def test_straight_through_matches_native_forward_and_gives_real_gradient(mode):
     ids = torch.randint(0, 96, (1, 24), generator=torch.Generator().manual_seed(0))
     native_logits, native_norm = _router_grad(_top1_teacher(), "native", ids)
-    st_logits, st_norm = _router_grad(_top1_teacher(), "straight_through", ids)
+    st_logits, st_norm = _router_grad(_top1_teacher(), mode, ids)
     assert torch.allclose(native_logits, st_logits, atol=1e-5, rtol=0)
     assert native_norm < 1e-6  # top-1 renormalised: weight is exactly 1.0, no gradient
     assert st_norm > 1e-3
     assert st_norm > 1e4 * max(native_norm, 1e-12)
+
+
+def test_straight_through_gradient_is_the_expert_switching_derivative():
+    """Router gradient = Σ_t J_softmax(p_t)ᵀ v_t ⊗ x_t with v_t,i = <∂L/∂y_t, expert_i(x_t)>."""
+    torch.manual_seed(0)
+    model = _top1_teacher()
+    block = model.model.layers[0].mlp
+    found = [r for r in find_routers(model) if r.module is block.gate]
+    ctl = RouterController(found, "straight_through")
+    ctl.active = True
+    x = torch.randn(10, 32)
+    g = torch.randn(10, 32)
+    y = block(x[None])[0]
+    (y * g).sum().backward()
+    ctl.remove()
+    with torch.no_grad():
+        logits = x @ block.gate.weight.T
+        p = torch.softmax(logits, -1)
+        outs = torch.stack(
+            [block.experts(x, torch.full((10, 1), i), torch.ones(10, 1)) for i in range(3)], 1
+        )  # (tokens, experts, hidden)
+        v = (outs * g[:, None, :]).sum(-1)  # (tokens, experts)
+        d_logits = p * (v - (p * v).sum(-1, keepdim=True))  # softmax Jacobian-vector product
+        expected = d_logits.T @ x
+    assert torch.allclose(block.gate.weight.grad, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_dense_mode_mixes_all_experts_with_gradient():

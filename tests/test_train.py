@@ -326,3 +326,32 @@ def test_non_finite_step_is_skipped_and_counted(tiny_pair, tmp_path, monkeypatch
     assert any(not torch.equal(before[k], after_1[k]) for k in before)  # step 1 was applied
     assert all(torch.equal(after_1[k], after_2[k]) for k in after_1)  # step 2 was dropped, no NaN applied
     assert all(torch.isfinite(v).all() for v in after_2.values())
+
+
+def test_native_mode_warns_that_top1_routing_gives_no_gradient(tiny_pair, tmp_path, caplog):
+    cfg = config_from_args(base_args(tiny_pair, tmp_path / "native", router_grad="native", train_steps=1,
+                                     eval_steps=0, save_steps=0, router_anchor_weight=0, router_entropy_weight=0,
+                                     router_load_balance_weight=0))  # fmt: skip
+    trainer = Trainer(cfg)
+    with caplog.at_level("WARNING", logger="sar_kd"):
+        trainer.setup()
+    assert any("NO gradient" in r.message for r in caplog.records)
+    m = trainer.train_step()
+    trainer.controller.remove()
+    assert m["router_grad_norm"] < 1e-6  # and indeed: nothing reaches the routers
+
+
+def test_dual_mode_refuses_slow_tokenizers(tiny_pair, dual_pair, tmp_path, monkeypatch, capsys):
+    import sar_kd.trainer as tr
+
+    real = tr.load_tokenizer
+
+    def slow(name, role, trust):
+        tok = real(name, role, trust)
+        if role == "student":
+            monkeypatch.setattr(type(tok), "is_fast", property(lambda self: False))
+        return tok
+
+    monkeypatch.setattr(tr, "load_tokenizer", slow)
+    rc = main(["train", *base_args(dual_pair, tmp_path / "slow", block_size=64)])
+    assert rc == 2 and "slow (Python) tokenizer" in capsys.readouterr().err

@@ -24,6 +24,9 @@ def _setup_logging() -> None:
     )
     for noisy in ("transformers", "datasets", "accelerate", "httpx", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file loading/saving bars drown the training log
 
 
 def train_main(argv: list[str] | None = None, prog: str = "sar-kd train") -> int:

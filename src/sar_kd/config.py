@@ -20,7 +20,7 @@ from typing import Any
 DEFAULT_TEACHER = "huihui-ai/Huihui-MoE-1B-A0.6B"
 DEFAULT_STUDENT = "HuggingFaceTB/SmolLM-135M"
 
-ROUTER_GRAD_MODES = ("straight_through", "dense", "native")
+ROUTER_GRAD_MODES = ("straight_through", "straight_through_topk", "dense", "native")
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
 SCHEDULER_TYPES = ("linear", "cosine")
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -97,9 +97,10 @@ class TrainConfig:
     # Routers
     router_grad: str = _f(
         "straight_through",
-        "How the router gets gradient: straight_through (forward unchanged, gradient through the "
-        "routing probabilities), dense (soft mixture of all experts while training), native "
-        "(the model as is; top-1 renormalised routing then gives the router no gradient).",
+        "How the router gets gradient: straight_through (forward unchanged; every expert is evaluated so "
+        "the backward sees the effect of moving routing mass to each expert), straight_through_topk "
+        "(cheaper, chosen experts only; a biased gradient, see docs), dense (soft mixture of all experts "
+        "while training), native (the model as is; top-1 renormalised routing then gives no gradient).",
         choices=ROUTER_GRAD_MODES,
     )
     router_patterns: list[str] | None = _f(

@@ -62,7 +62,14 @@ class ModelCounts:
     vocab: int
 
 
-def _layer_elements(conf, moe: bool) -> float:
+def _num_experts(conf) -> int | None:
+    return next(
+        (getattr(conf, a) for a in ("num_experts", "num_local_experts", "n_routed_experts") if getattr(conf, a, None)),
+        None,
+    )
+
+
+def _layer_elements(conf, moe: bool, experts_run: int | None = None) -> float:
     h = conf.hidden_size
     nh = conf.num_attention_heads
     hd = getattr(conf, "head_dim", None) or h // nh
@@ -71,11 +78,9 @@ def _layer_elements(conf, moe: bool) -> float:
     # norms (fp32 copy + output) x2, q/k/v, rotary q/k and halves, q/k norms, SDPA q/k/v/out, o_proj input
     attn = 4 * h + 3 * q + 2 * kv + 2 * (q + kv) + (q + kv) + (2 * q + 2 * kv) + q
     if moe:
-        k = getattr(conf, "num_experts_per_tok", 1) or 1
+        e = _num_experts(conf)
+        k = experts_run or getattr(conf, "num_experts_per_tok", 1) or 1
         im = getattr(conf, "moe_intermediate_size", None) or conf.intermediate_size
-        e = next(
-            getattr(conf, a) for a in ("num_experts", "num_local_experts", "n_routed_experts") if getattr(conf, a, None)
-        )
         # router logits + fp32 probs; per chosen expert: gathered input, gate_up, act in/out, product, out, weighted
         mlp = 2 * e + k * (3 * h + 2 * im + 3 * im)
         shared = getattr(conf, "shared_expert_intermediate_size", 0) or 0
@@ -85,8 +90,10 @@ def _layer_elements(conf, moe: bool) -> float:
     return float(attn + mlp)
 
 
-def count_model(conf) -> ModelCounts:
-    """Parameter and activation counts of a causal LM config, built on the meta device."""
+def count_model(conf, all_experts: bool = False) -> ModelCounts:
+    """Parameter and activation counts of a causal LM config, built on the meta device.
+
+    ``all_experts``: every expert runs for every token (``straight_through``/``dense`` training)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -101,14 +108,15 @@ def count_model(conf) -> ModelCounts:
         moe = True
     except ConfigError:
         router_params, moe = 0, False
-    per_layer = _layer_elements(conf, moe)
+    # the training forward of the teacher: every expert runs with the default router gradient
+    peak_layer = _layer_elements(conf, moe, _num_experts(conf) if (moe and all_experts) else None)
     return ModelCounts(
         params=params,
         router_params=router_params,
         layers=conf.num_hidden_layers,
         hidden=conf.hidden_size,
-        act_per_token=per_layer,
-        peak_layer_per_token=per_layer,
+        act_per_token=peak_layer,
+        peak_layer_per_token=peak_layer,
         vocab=conf.vocab_size,
     )
 
@@ -124,9 +132,11 @@ def estimate_memory(
     kd_chunk_size: int = 256,
     layer_pairs: int = 1,
     cuda: bool = True,
+    router_grad: str = "straight_through",
 ) -> dict[str, Any]:
     """Peak memory (bytes) of one training step, by component; ``total_bytes`` is their sum."""
-    t, s = count_model(teacher_conf), count_model(student_conf)
+    t = count_model(teacher_conf, all_experts=router_grad in ("straight_through", "dense"))
+    s = count_model(student_conf)
     if t.router_params == 0:
         raise ConfigError("the teacher config has no MoE routers: SAR-KD needs an MoE teacher")
     half = model_dtype != "float32"
@@ -169,6 +179,7 @@ def estimate_memory(
         "mode": mode,
         "gradient_checkpointing": gradient_checkpointing,
         "kd_chunk_size": kd_chunk_size,
+        "router_grad": router_grad,
     }
     return out
 
@@ -228,7 +239,11 @@ def memory_table(teacher_conf, student_conf, mode: str = "hidden") -> str:
                 cells.append(f"does not fit (block 256 needs {need[(d, 256, 1)] / GB:.1f} GB)")
                 continue
             cell = f"block ≤ {max(fit_blocks)}"
-            cell += f", batch ≤ {max(fit_batches)} at 1024" if fit_batches else ", batch 1 at 1024 does not fit"
+            if fit_batches:
+                top = max(fit_batches)
+                cell += f", batch {'≥' if top == TABLE_BATCHES[-1] else '≤'} {top} at 1024"
+            else:
+                cell += ", batch 1 at 1024 does not fit"
             cells.append(cell)
         rows.append(f"| {gb} GB | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -253,6 +268,12 @@ def estimate_main(argv: list[str] | None = None) -> int:
         help="auto: hidden (dual-tokenizer) when the vocabulary sizes differ, else logit",
     )
     p.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument(
+        "--router_grad",
+        default="straight_through",
+        choices=("straight_through", "straight_through_topk", "dense", "native"),
+        help="as for training: straight_through and dense run every expert while training",
+    )
     p.add_argument("--gpu_memory", default=None, help="Give a verdict for this GPU size, e.g. 16GB.")
     p.add_argument("--json", action="store_true", help="Print one JSON object (with total_bytes).")
     p.add_argument("--table", action="store_true", help="Print the README table of block sizes per GPU size.")
@@ -275,6 +296,7 @@ def estimate_main(argv: list[str] | None = None) -> int:
         mode=mode,
         gradient_checkpointing=a.gradient_checkpointing,
         kd_chunk_size=a.kd_chunk_size,
+        router_grad=a.router_grad,
     )
     if a.json:
         if gpu is not None:

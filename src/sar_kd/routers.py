@@ -9,11 +9,18 @@ With top-1 routing and renormalised weights (``norm_topk_prob=True``, the defaul
 routing weight is exactly 1.0, so the model's own forward gives the router no gradient at all.
 :class:`RouterController` fixes that during training with a forward hook on each router:
 
-* ``straight_through``: the routing weight is multiplied by ``exp(log p - stop_grad(log p))``,
-  which is exactly 1.0 in the forward pass (the output is bit-identical to the native model) while
-  the backward pass sees ``d weight = weight * d log p``: the gradient of the un-normalised routing
-  probability of the chosen expert.
-* ``dense``: every expert runs and is weighted by the full softmax of the router logits.
+* ``straight_through`` (default): every expert is evaluated, the forward weights are the native
+  ones (``w = w_native + p − stop_grad(p)``, so the output is bit-identical to the native model) and
+  the backward pass sees ``∂out/∂p_i = expert_i(x)`` for *every* expert i: the first-order effect of
+  moving routing mass toward each expert. Costs all experts' compute while training.
+* ``straight_through_topk``: only the chosen experts run; their weight is multiplied by
+  ``exp(log p − stop_grad(log p))`` (== 1.0 forward), so the backward sees
+  ``∂w/∂logits = w · ∂log p``. Cheap, but it only tells whether the chosen expert's output should be
+  scaled up or down, not whether another expert would do better: measured on the demo teacher,
+  training the routers on the teacher's *own* CE with it raised the teacher's perplexity from 33.5
+  to 61.4, where ``straight_through`` lowered it to 33.4 (docs/router_gradient.md).
+* ``dense``: every expert runs and is weighted by the full softmax of the router logits (a
+  different forward while training).
 * ``native``: the model as it is.
 """
 
@@ -212,14 +219,20 @@ class RouterController:
             )
         if not self.active or self.mode == "native" or indices is None:
             return None
-        if self.mode == "straight_through":
+        if self.mode == "straight_through_topk":
             logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, indices)
             factor = torch.exp(logp - logp.detach())  # == 1.0 exactly in the forward pass
             return (logits, (scores * factor).to(scores.dtype), indices, *output[3:])
-        # dense: all experts, weighted by the full routing distribution
-        probs = torch.softmax(logits.float(), dim=-1).to(scores.dtype)
+        probs = torch.softmax(logits.float(), dim=-1)
         all_idx = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
-        return (logits, probs, all_idx, *output[3:])
+        if self.mode == "dense":  # all experts, weighted by the full routing distribution
+            return (logits, probs.to(scores.dtype), all_idx, *output[3:])
+        # straight_through: every expert runs, but the forward weights are the native ones (exactly
+        # zero for unchosen experts, since p - stop_grad(p) == 0); the backward sees
+        # d out / d p_i = expert_i(x) for every expert i.
+        native = torch.zeros_like(probs).scatter(-1, indices, scores.float())
+        weights = native + (probs - probs.detach())
+        return (logits, weights.to(scores.dtype), all_idx, *output[3:])
 
     def pop_records(self) -> list[RouterRecord]:
         records, self.records = self.records, []
