@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import lzma
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -26,28 +24,25 @@ import torch
 from sar_kd import alignment
 
 ROOT = Path(__file__).resolve().parents[1]
-FIX = ROOT / "tests" / "fixtures"
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def real_tokenizers():
     from transformers import AutoTokenizer
 
-    tmp = Path(tempfile.mkdtemp())
-    toks = {}
-    for name in ("qwen3", "smollm"):
-        d = tmp / name
-        d.mkdir()
-        (d / "tokenizer.json").write_bytes(lzma.decompress((FIX / f"{name}_tokenizer.json.xz").read_bytes()))
-        shutil.copy(FIX / f"{name}_tokenizer_config.json", d / "tokenizer_config.json")
-        toks[name] = AutoTokenizer.from_pretrained(d)
-    return toks["smollm"], toks["qwen3"]
+    from fixture_files import unpack_real_tokenizers
+
+    dirs = unpack_real_tokenizers(Path(tempfile.mkdtemp()))
+    return AutoTokenizer.from_pretrained(dirs["smollm"]), AutoTokenizer.from_pretrained(dirs["qwen3"])
 
 
 def sample(block: int = 1024):
     from sar_kd.data import pack_dual_blocks
 
     s_tok, t_tok = real_tokenizers()
-    text = lzma.decompress((FIX / "wiki.valid.raw.xz").read_bytes()).decode().splitlines()[:2000]
+    from fixture_files import wikitext_text
+
+    text = wikitext_text().splitlines()[:2000]
     blocks = pack_dual_blocks(text, s_tok, t_tok, block)
     i = int(blocks["student_mask"].sum(1).argmax())  # the fullest block
     return {k: v[i : i + 1] for k, v in blocks.items()}

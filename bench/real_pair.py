@@ -6,6 +6,7 @@ Built on the meta-free path from the vendored configs (``sar_kd/assets/configs``
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,30 +17,21 @@ from sar_kd.estimate import builtin_config
 from sar_kd.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def build_trainer(
     dev: torch.device, mode: str = "hidden", block_size: int = 1024, model_dtype: str = "float32", **over
 ):
     """A set-up :class:`Trainer` on the real architectures (random weights) and real tokenizers."""
-    import lzma
-
     from transformers import AutoModelForCausalLM
 
-    sys_tmp = Path(tempfile.mkdtemp())
-    fix = ROOT / "tests" / "fixtures"
-    import shutil
+    from fixture_files import unpack_real_tokenizers, wikitext_text
 
-    dirs = {}
-    for name in ("qwen3", "smollm"):
-        d = sys_tmp / name
-        d.mkdir()
-        (d / "tokenizer.json").write_bytes(lzma.decompress((fix / f"{name}_tokenizer.json.xz").read_bytes()))
-        shutil.copy(fix / f"{name}_tokenizer_config.json", d / "tokenizer_config.json")
-        dirs[name] = d
-    text = lzma.decompress((fix / "wiki.valid.raw.xz").read_bytes()).decode()
+    sys_tmp = Path(tempfile.mkdtemp())
+    dirs = unpack_real_tokenizers(sys_tmp)
     train = sys_tmp / "train.txt"
-    train.write_text(text)
+    train.write_text(wikitext_text())
     t_conf = builtin_config("teacher")
     s_conf = builtin_config("student")
     if mode == "logit":  # same tokenizer: the student gets the teacher's vocabulary

@@ -67,35 +67,20 @@ def base_args(pair, out, **over) -> list[str]:
     return flags
 
 
-FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
-
-
 @pytest.fixture(scope="session")
 def real_tokenizer_dirs(tmp_path_factory) -> dict[str, str]:
     """The real Qwen3 (teacher) and SmolLM-135M (student) tokenizers, from the vendored fixtures."""
-    import lzma
-    import shutil
+    from fixture_files import unpack_real_tokenizers
 
-    root = tmp_path_factory.mktemp("realtok")
-    dirs = {}
-    for name in ("qwen3", "smollm"):
-        d = root / name
-        d.mkdir()
-        (d / "tokenizer.json").write_bytes(lzma.decompress((FIXTURES / f"{name}_tokenizer.json.xz").read_bytes()))
-        shutil.copy(FIXTURES / f"{name}_tokenizer_config.json", d / "tokenizer_config.json")
-        extra = FIXTURES / f"{name}_special_tokens_map.json"
-        if extra.exists():
-            shutil.copy(extra, d / "special_tokens_map.json")
-        dirs[name] = str(d)
-    return dirs
+    return {k: str(v) for k, v in unpack_real_tokenizers(tmp_path_factory.mktemp("realtok")).items()}
 
 
 @pytest.fixture(scope="session")
 def wikitext_lines() -> list[str]:
     """WikiText-2 raw validation split (vendored, CC BY-SA 3.0)."""
-    import lzma
+    from fixture_files import wikitext_text
 
-    return lzma.decompress((FIXTURES / "wiki.valid.raw.xz").read_bytes()).decode("utf-8").splitlines()
+    return wikitext_text().splitlines()
 
 
 @pytest.fixture(scope="session")

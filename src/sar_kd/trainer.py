@@ -359,14 +359,18 @@ class Trainer:
             for k in reg:
                 reg[k] += float(out[k]) / len(window)
         self.controller.active = False
+        t_update = time.perf_counter()
         acc.unscale_gradients()
-        r_norm = _grad_norm(self.model.router_params.values())
-        s_norm = _grad_norm(p for p in self.model.student.parameters() if p.requires_grad)
-        p_norm = _grad_norm(self.model.projection.parameters()) if self.model.projection is not None else 0.0
-        finite = all(math.isfinite(v) for v in (r_norm, s_norm, p_norm))
+        # one fused norm per parameter group (student / router / projection), then one clipping pass
+        norms = {g["name"]: _grad_norm(g["params"]) for g in self.optimizer.param_groups}
+        r_norm, s_norm, p_norm = norms["router"], norms["student"], norms.get("projection", 0.0)
+        total_norm = math.sqrt(sum(v * v for v in norms.values()))
+        finite = math.isfinite(total_norm)
         if cfg.max_grad_norm > 0 and finite:
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in self.optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
+            torch.nn.utils.clip_grads_with_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]],
+                cfg.max_grad_norm,
+                torch.tensor(total_norm, device=acc.device),
             )
         lrs = {g["name"]: g["lr"] for g in self.optimizer.param_groups}  # the rates this update used
         if acc.scaler is None and not finite:
@@ -385,7 +389,8 @@ class Trainer:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        dt = time.perf_counter() - t0
+        now = time.perf_counter()
+        dt, update_dt = now - t0, now - t_update
         # Per-token means over the window (all processes), as the loss itself is normalised.
         local = torch.tensor([sums["kd_sum"], sums["ce_sum"], sums["teacher_ce_sum"]], device=acc.device)
         kd, ce, tce = (float(v) for v in acc.reduce(local, "sum") / torch.tensor(
@@ -411,6 +416,7 @@ class Trainer:
             "lr_router": lrs["router"],
             "tokens_per_s": counts["ce"] / dt,  # predicted student tokens, all processes
             "step_time_s": dt,
+            "update_time_s": update_dt,  # norms, clipping, optimizer and scheduler
             "skipped_steps": self.skipped_steps,
         }
         if self.mode == "hidden":
@@ -631,11 +637,8 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _grad_norm(params) -> float:
-    sq = 0.0
-    for p in params:
-        if p.grad is not None:
-            sq += float(p.grad.detach().float().pow(2).sum())
-    return math.sqrt(sq)
+    grads = [p.grad for p in params if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
 def _mean(values) -> float | None:
