@@ -155,3 +155,14 @@ def test_dual_cli_end_to_end(dual_pair, tmp_path):
 def test_bad_layer_pair_is_an_error(dual_pair, tmp_path, capsys):
     rc = main(["train", *base_args(dual_pair, tmp_path / "o", block_size=64, hidden_layer_pairs="-1:7")])
     assert rc == 2 and "out of range" in capsys.readouterr().err
+
+
+def test_dual_log_line_without_teacher_logits(dual_pair, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="sar_kd"):
+        rc = main(["train", *base_args(dual_pair, tmp_path / "o", block_size=64, train_steps=1, eval_steps=1,
+                                       save_steps=0)])  # fmt: skip
+    assert rc == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 1/1")]
+    assert lines and "teacher_ce" not in lines[0]
+    rows = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in rows if "loss" in r][0]["teacher_ce"] is None  # not computed: no teacher LM head

@@ -472,6 +472,8 @@ class Trainer:
         if self.is_main:
             out.mkdir(parents=True, exist_ok=True)
             self._write_run_config(out)
+            if self.step == 0 and self.metrics_path.exists():
+                self.metrics_path.unlink()  # a fresh run into a reused directory starts a fresh log
         if cfg.report_to != "none":
             flat = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in cfg.to_dict().items()}
             self.accelerator.init_trackers("sar_kd", config=flat)
@@ -675,9 +677,10 @@ class _Progress:
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr_student']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
         else:
             eta = elapsed / max(step, 1) * (self.total - step)
+            tce = "" if m["teacher_ce"] is None else f" teacher_ce {m['teacher_ce']:.4f}"
             logger.info(
-                "step %d/%d loss %.4f kd %.4f ce %.4f teacher_ce %.4f router_grad %.2e lr %.2e tok/s %.0f eta %.0fs",
-                step, self.total, m["loss"], m["kd_loss"], m["ce_loss"], m["teacher_ce"],
+                "step %d/%d loss %.4f kd %.4f ce %.4f%s router_grad %.2e lr %.2e tok/s %.0f eta %.0fs",
+                step, self.total, m["loss"], m["kd_loss"], m["ce_loss"], tce,
                 m["router_grad_norm"], m["lr_student"], m["tokens_per_s"], eta,
             )  # fmt: skip
 
