@@ -57,8 +57,7 @@ class ModelCounts:
     router_params: int
     layers: int
     hidden: int
-    act_per_token: float  # elements kept per token by one average decoder layer (no checkpointing)
-    peak_layer_per_token: float  # elements of the largest layer
+    layer_elements: float  # elements one decoder layer keeps per token for its backward (training forward)
     vocab: int
 
 
@@ -115,8 +114,7 @@ def count_model(conf, all_experts: bool = False) -> ModelCounts:
         router_params=router_params,
         layers=conf.num_hidden_layers,
         hidden=conf.hidden_size,
-        act_per_token=peak_layer,
-        peak_layer_per_token=peak_layer,
+        layer_elements=peak_layer,
         vocab=conf.vocab_size,
     )
 
@@ -155,9 +153,9 @@ def estimate_memory(
     if gradient_checkpointing:
         kept = tokens * (t.layers * t.hidden + s.layers * s.hidden) * act_b
         # one layer recomputed at a time, its activations and their gradients
-        recompute = 2 * tokens * max(t.peak_layer_per_token, s.peak_layer_per_token) * act_b
+        recompute = 2 * tokens * max(t.layer_elements, s.layer_elements) * act_b
     else:
-        kept = tokens * (t.layers * t.act_per_token + s.layers * s.act_per_token) * act_b
+        kept = tokens * (t.layers * t.layer_elements + s.layers * s.layer_elements) * act_b
         recompute = 0
     out["activations"] = int(kept + recompute)
     chunk = min(kd_chunk_size, tokens)

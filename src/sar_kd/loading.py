@@ -17,7 +17,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 1)[-1] or Path(name).exists()
+    """A path rather than a hub id (``org/name``): absolute, relative, home-based or deeper than one slash."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def _check_source(name: str, role: str, need_config: bool = True) -> None:
@@ -31,7 +32,7 @@ def _check_source(name: str, role: str, need_config: bool = True) -> None:
             raise ConfigError(f"--{role}_model {name}: no config.json in that directory")
         if not os.access(p / "config.json", os.R_OK):
             raise ConfigError(f"--{role}_model {name}: config.json is not readable")
-    elif _looks_local(name) or name.count("/") > 1:
+    elif _looks_local(name):
         raise ConfigError(f"--{role}_model {name}: no such directory (and not a hub id)")
 
 

@@ -239,11 +239,6 @@ class RouterController:
         return records
 
 
-def snapshot(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """Detached fp32 copies of parameters (the anchor of the L2 regulariser)."""
-    return {n: p.detach().float().clone() for n, p in params.items()}
-
-
 def apply_router_update(model: nn.Module, update: dict[str, torch.Tensor], patterns: list[str] | None = None) -> int:
     """Copy a ``router_update.pt`` dict into ``model``; every key must be one of its router parameters.
 

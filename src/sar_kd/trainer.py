@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -349,7 +350,7 @@ class Trainer:
         self.controller.active = True
         for i, batch in enumerate(window):
             sync = i == len(window) - 1
-            ctx = acc.no_sync(self.ddp_model) if not sync else _nullcontext()
+            ctx = acc.no_sync(self.ddp_model) if not sync else contextlib.nullcontext()
             with ctx:
                 out = self.ddp_model(_model_inputs(batch), norms)
                 acc.backward(out["loss"])
@@ -483,7 +484,7 @@ class Trainer:
         last_eval = logged_evals[-1] if logged_evals else None
         if cfg.eval_steps and self.step == 0:
             first_eval = last_eval = self._record(self.evaluate())
-        bar = _progress(cfg.train_steps, self.step, self.is_main)
+        bar = _Progress(cfg.train_steps, self.step, self.is_main)
         while self.step < cfg.train_steps:
             metrics = self.train_step()
             if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
@@ -648,14 +649,6 @@ def _mean(values) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 class _Progress:
     """tqdm on a terminal; plain log lines otherwise."""
 
@@ -687,10 +680,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _progress(total: int, initial: int, enabled: bool) -> _Progress:
-    return _Progress(total, initial, enabled)
 
 
 def _format_summary(s: dict[str, Any]) -> str:
