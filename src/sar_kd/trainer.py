@@ -174,7 +174,8 @@ class Trainer:
         found = routers.find_routers(teacher, cfg.router_patterns)
         self._log("teacher routers:\n" + routers.router_table(found))
         r_params = routers.freeze_all_but_routers(teacher, found)
-        if cfg.router_grad == "native" and routers.routing_gives_no_gradient(teacher.config):
+        # (a frozen router, --router_lr 0, needs no gradient: no warning then)
+        if cfg.router_grad == "native" and cfg.router_lr > 0 and routers.routing_gives_no_gradient(teacher.config):
             logger.warning(
                 "!!! --router_grad native with top-1 renormalised routing: the routing weight is exactly 1.0, "
                 "so the routers receive NO gradient from the distillation loss (only from the regularisers). "
