@@ -36,6 +36,7 @@ class Arm:
     alpha_ce: float
     router_lr: float
     router_teacher_ce_weight: float = 0.0
+    router_grad: str = "straight_through"
 
 
 # The spec's objective and router learning rate (5e-4); the last arm adds the teacher's own CE.
@@ -166,7 +167,7 @@ def run_arm(paths: dict[str, str], arm: Arm, seed: int, steps: int, out: Path, e
         student_lr=3e-3,
         router_lr=arm.router_lr,
         # a frozen router needs no gradient: the native forward is identical and cheaper
-        router_grad="straight_through" if arm.router_lr > 0 else "native",
+        router_grad=arm.router_grad if arm.router_lr > 0 else "native",
         alpha_kd=arm.alpha_kd,
         alpha_ce=arm.alpha_ce,
         router_teacher_ce_weight=arm.router_teacher_ce_weight,
