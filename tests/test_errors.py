@@ -69,3 +69,32 @@ def test_output_dir_with_another_run_is_refused(tiny_pair, tmp_path, capsys):
 def test_unknown_command(capsys):
     assert main(["fly"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+def test_config_file_fills_options_and_flags_win(tiny_pair, tmp_path):
+    from sar_kd.config import ConfigError, config_from_args
+
+    cfg_file = tmp_path / "run.json"
+    cfg_file.write_text(json.dumps({"train_steps": 7, "router_lr": 0.002, "temperature": 3.0}))
+    cfg = config_from_args(["--config", str(cfg_file), *base_args(tiny_pair, tmp_path / "o", train_steps=9)])
+    assert cfg.train_steps == 9  # the flag on the command line wins
+    assert cfg.router_lr == 0.01  # base_args sets it explicitly too
+    assert cfg.temperature == 3.0  # only in the file
+    cfg_file.write_text(json.dumps({"no_such_option": 1}))
+    with pytest.raises(ConfigError, match="unknown option"):
+        config_from_args(["--config", str(cfg_file), *base_args(tiny_pair, tmp_path / "o")])
+
+
+def test_jsonl_training_data(tiny_pair, tmp_path):
+    from sar_kd.config import config_from_args
+    from sar_kd.data import load_texts
+
+    lines = open(tiny_pair["train"]).read().splitlines()
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": ln}) + "\n" for ln in lines[:50]))
+    cfg = config_from_args(base_args(tiny_pair, tmp_path / "o", train_file=str(jsonl), text_column="body"))
+    train, val = load_texts(cfg)
+    assert train == lines[:50] and val is not None
+    cfg = config_from_args(base_args(tiny_pair, tmp_path / "o", train_file=str(jsonl)))
+    with pytest.raises(Exception, match="no string field 'text'"):
+        load_texts(cfg)
