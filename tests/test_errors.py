@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -89,7 +90,7 @@ def test_jsonl_training_data(tiny_pair, tmp_path):
     from sar_kd.config import config_from_args
     from sar_kd.data import load_texts
 
-    lines = open(tiny_pair["train"]).read().splitlines()
+    lines = Path(tiny_pair["train"]).read_text().splitlines()
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("".join(json.dumps({"body": ln}) + "\n" for ln in lines[:50]))
     cfg = config_from_args(base_args(tiny_pair, tmp_path / "o", train_file=str(jsonl), text_column="body"))
