@@ -81,33 +81,26 @@ def apply_router_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plot_main(argv: list[str] | None = None) -> int:
-    """Render a run's curves (see :mod:`sar_kd.plot`)."""
-    from .plot import plot_main as run
+def _lazy(module: str, func: str):
+    """A subcommand implemented in ``sar_kd.<module>``, imported only when it runs."""
 
-    return run(argv)
+    def run(argv: list[str] | None = None) -> int:
+        import importlib
 
+        return getattr(importlib.import_module(f"sar_kd.{module}"), func)(argv)
 
-def estimate_main(argv: list[str] | None = None) -> int:
-    """Memory estimate from configs (see :mod:`sar_kd.estimate`)."""
-    from .estimate import estimate_main as run
-
-    return run(argv)
-
-
-def demo_main(argv: list[str] | None = None) -> int:
-    """The offline demo (see :mod:`sar_kd.demo`)."""
-    from .demo import demo_main as run
-
-    return run(argv)
+    return run
 
 
 COMMANDS = {
-    "demo": ("Offline demo: CE only vs KD vs SAR-KD on small models and a bundled corpus.", demo_main),
+    "demo": ("Offline demo: CE only vs KD vs SAR-KD on small models and a bundled corpus.", _lazy("demo", "demo_main")),
     "train": ("Train a student and the teacher's routers (same flags as train_sar_kd.py).", train_main),
     "apply-router": ("Write the teacher with trained routers applied.", apply_router_main),
-    "plot": ("Render a run's training curves and router statistics to a PNG.", plot_main),
-    "estimate": ("Estimate a run's memory from the model configs, with a verdict for a GPU size.", estimate_main),
+    "plot": ("Render a run's training curves and router statistics to a PNG.", _lazy("plot", "plot_main")),
+    "estimate": (
+        "Estimate a run's memory from the model configs, with a verdict for a GPU size.",
+        _lazy("estimate", "estimate_main"),
+    ),
 }
 
 

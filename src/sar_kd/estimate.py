@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Any
 
 from .config import DEFAULT_STUDENT, DEFAULT_TEACHER, ConfigError
+from .routers import num_experts_of
 
 BUILTIN = {
     "teacher": ("huihui-moe-1b-a0.6b", DEFAULT_TEACHER),
@@ -61,13 +62,6 @@ class ModelCounts:
     vocab: int
 
 
-def _num_experts(conf) -> int | None:
-    return next(
-        (getattr(conf, a) for a in ("num_experts", "num_local_experts", "n_routed_experts") if getattr(conf, a, None)),
-        None,
-    )
-
-
 def _layer_elements(conf, moe: bool, experts_run: int | None = None) -> float:
     h = conf.hidden_size
     nh = conf.num_attention_heads
@@ -77,7 +71,7 @@ def _layer_elements(conf, moe: bool, experts_run: int | None = None) -> float:
     # norms (fp32 copy + output) x2, q/k/v, rotary q/k and halves, q/k norms, SDPA q/k/v/out, o_proj input
     attn = 4 * h + 3 * q + 2 * kv + 2 * (q + kv) + (q + kv) + (2 * q + 2 * kv) + q
     if moe:
-        e = _num_experts(conf)
+        e = num_experts_of(conf)
         k = experts_run or getattr(conf, "num_experts_per_tok", 1) or 1
         im = getattr(conf, "moe_intermediate_size", None) or conf.intermediate_size
         # router logits + fp32 probs; per chosen expert: gathered input, gate_up, act in/out, product, out, weighted
@@ -108,7 +102,7 @@ def count_model(conf, all_experts: bool = False) -> ModelCounts:
     except ConfigError:
         router_params, moe = 0, False
     # the training forward of the teacher: every expert runs with the default router gradient
-    peak_layer = _layer_elements(conf, moe, _num_experts(conf) if (moe and all_experts) else None)
+    peak_layer = _layer_elements(conf, moe, num_experts_of(conf) if (moe and all_experts) else None)
     return ModelCounts(
         params=params,
         router_params=router_params,

@@ -70,6 +70,9 @@ class SARKDModel(nn.Module):
         self.weights = weights
         self.vocab_size = vocab_size
         self.layer_pairs = layer_pairs or [(-1, -1)]
+        # A plain dict (not registered again): the same Parameter objects the teacher owns; .to() and
+        # DDP keep those objects, so the map stays valid.
+        self._router_map = dict(router_params)
         self._router_names = list(router_params)
         # The anchor of the L2 regulariser: buffers move with the module; not saved (re-read from the teacher).
         for i, p in enumerate(router_params.values()):
@@ -81,8 +84,7 @@ class SARKDModel(nn.Module):
 
     @property
     def router_params(self) -> dict[str, nn.Parameter]:
-        params = dict(self.teacher.named_parameters())
-        return {n: params[n] for n in self._router_names}
+        return self._router_map
 
     def _anchors(self) -> dict[str, torch.Tensor]:
         return {n: getattr(self, f"_anchor_{i}") for i, n in enumerate(self._router_names)}

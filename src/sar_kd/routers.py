@@ -57,9 +57,14 @@ class RouterInfo:
         return type(self.module).__name__
 
 
+def num_experts_of(config) -> int | None:
+    """The number of routed experts a config declares (None for a dense model)."""
+    return next((getattr(config, k) for k in _NUM_EXPERT_KEYS if getattr(config, k, None)), None)
+
+
 def moe_dims(config) -> tuple[int, int, int]:
     """(num_experts, hidden_size, experts per token) read from a model config; ConfigError if not MoE."""
-    num_experts = next((getattr(config, k) for k in _NUM_EXPERT_KEYS if getattr(config, k, None)), None)
+    num_experts = num_experts_of(config)
     if not isinstance(num_experts, int) or num_experts < 2:
         raise ConfigError(
             f"teacher {getattr(config, 'model_type', '?')!r} has no mixture-of-experts layers "
