@@ -9,7 +9,17 @@ from transformers import AutoModelForCausalLM
 
 from sar_kd.cli import main
 from sar_kd.config import ConfigError
-from sar_kd.estimate import GB, builtin_config, count_model, estimate_memory, memory_table, parse_size
+from sar_kd.estimate import (
+    GB,
+    LayerMLP,
+    _layer_elements,
+    builtin_config,
+    count_model,
+    estimate_memory,
+    layer_mlps,
+    memory_table,
+    parse_size,
+)
 from sar_kd.toy import tiny_llama_config, tiny_moe_config
 
 T = tiny_moe_config(500, hidden=64, layers=2, experts=4)
@@ -95,3 +105,87 @@ def test_all_expert_training_costs_more_activation_memory():
     topk = estimate_memory(T, S, block_size=256, cuda=False, router_grad="straight_through_topk")
     assert st["activations"] > topk["activations"]
     assert st["settings"]["router_grad"] == "straight_through"
+
+
+def _deepseek(shared: int = 2):
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(vocab_size=500, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+                            num_experts_per_tok=2, n_shared_experts=shared, first_k_dense_replace=1, q_lora_rank=None,
+                            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1,
+                            topk_group=1)  # fmt: skip
+
+
+def _qwen2_moe():
+    from transformers import Qwen2MoeConfig
+
+    return Qwen2MoeConfig(vocab_size=500, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                          shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, mlp_only_layers=[2])  # fmt: skip
+
+
+def _qwen3_sparse_step():
+    return tiny_moe_config(500, hidden=64, layers=4, experts=4, decoder_sparse_step=2, intermediate_size=96)
+
+
+def _real_mlps(model) -> list[LayerMLP]:
+    """What each decoder layer of the built model actually holds."""
+    found = []
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        if not hasattr(mlp, "experts"):
+            found.append(LayerMLP(dense=mlp.gate_proj.out_features))
+            continue
+        shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
+        width = mlp.experts.down_proj.shape[-1]  # (experts, hidden, width)
+        found.append(LayerMLP(dense=0, expert=width, shared=shared.gate_proj.out_features if shared else 0))
+    return found
+
+
+@pytest.mark.parametrize("make", [_deepseek, _qwen2_moe, _qwen3_sparse_step], ids=["deepseek_v3", "qwen2_moe", "qwen3"])
+def test_dense_layers_and_shared_experts_match_the_real_model(make):
+    conf = make()
+    model = AutoModelForCausalLM.from_config(conf)
+    counts = count_model(conf)
+    assert counts.params == sum(p.numel() for p in model.parameters())
+    assert layer_mlps(conf) == _real_mlps(model)
+    moe_layers = sum(1 for m in layer_mlps(conf) if m.expert)
+    assert 0 < moe_layers < conf.num_hidden_layers  # the configs above mix both kinds
+    assert counts.router_params == moe_layers * 4 * 64
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # n_shared_experts=0
+def test_shared_experts_and_dense_layers_enter_the_activations():
+    kw = {"block_size": 128, "gradient_checkpointing": False, "cuda": False, "mode": "logit"}
+    with_shared, without = estimate_memory(_deepseek(2), S, **kw), estimate_memory(_deepseek(0), S, **kw)
+    # two MoE layers, each with one shared MLP of 2 x 32: 5 kept tensors of that width per token, fp32
+    assert with_shared["activations"] - without["activations"] == 128 * 2 * 5 * 64 * 4
+    conf = _qwen2_moe()
+    per_layer = [_layer_elements(conf, m, 4) for m in layer_mlps(conf)]
+    assert count_model(conf, all_experts=True).all_layer_elements == sum(per_layer)
+    assert per_layer[2] < per_layer[0]  # the dense layer keeps less than an all-expert MoE layer
+
+
+def test_dual_mode_teacher_ce_counts_the_teacher_logit_chunk():
+    wide_t = tiny_moe_config(2000, hidden=64, layers=2, experts=4)
+    kw = {"block_size": 128, "mode": "hidden", "kd_chunk_size": 64, "cuda": False}
+    off = estimate_memory(wide_t, S, **kw)
+    on = estimate_memory(wide_t, S, router_teacher_ce_weight=0.1, **kw)
+    # the student's and the teacher's chunks run one after the other: the wider one sets the peak
+    assert off["logits"] == 64 * 500 * 16 and on["logits"] == 64 * 2000 * 16
+    assert on["total_bytes"] - off["total_bytes"] == 64 * (2000 - 500) * 16
+    assert on["settings"]["router_teacher_ce_weight"] == 0.1
+    assert estimate_memory(T, S, router_teacher_ce_weight=0.1, **kw)["logits"] == off["logits"]  # same widths
+
+
+def test_cli_teacher_ce_flag(tmp_path, capsys):
+    tdir, sdir = tmp_path / "t", tmp_path / "s"
+    tiny_moe_config(2000, hidden=64, layers=2, experts=4).save_pretrained(tdir)
+    S.save_pretrained(sdir)
+    args = ["estimate", "--teacher_model", str(tdir), "--student_model", str(sdir), "--block_size", "64", "--json"]
+    totals = []
+    for w in ("0", "0.1"):
+        assert main([*args, "--router_teacher_ce_weight", w]) == 0
+        totals.append(json.loads(capsys.readouterr().out)["total_bytes"])
+    assert totals[1] > totals[0]

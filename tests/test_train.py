@@ -264,7 +264,7 @@ def test_killed_mid_save_leaves_previous_checkpoint(tiny_pair, tmp_path, monkeyp
         trainer.run()
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
     assert not (out / "checkpoint-4").exists()  # only the temporary directory was being written
-    from sar_kd.trainer import resolve_checkpoint
+    from sar_kd.checkpointing import resolve_checkpoint
 
     assert resolve_checkpoint(str(out), "latest").name == "checkpoint-2"
     monkeypatch.setattr(Trainer, "save_outputs", real_save)

@@ -76,8 +76,9 @@ class TrainConfig:
     scheduler_type: str = _f("linear", "Schedule after warm-up.", choices=SCHEDULER_TYPES)
     gradient_checkpointing: bool = _f(
         True,
-        "Checkpoint student and teacher decoder layers (the frozen teacher too, since the router "
-        "backward needs its activations). Disable with --no_gradient_checkpointing.",
+        "Turn off activation checkpointing. It is on by default for the student's and the teacher's "
+        "decoder layers (the frozen teacher too, since the router backward needs its activations); "
+        "off is faster and keeps every activation in memory.",
     )
     seed: int = _f(42, "Random seed.")
 
@@ -144,12 +145,44 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where it tells something: not for on/off flags, None, or a help
+    text that already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if isinstance(action.default, bool) or action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An unknown or mistyped flag gets one line naming the closest flag, not the whole usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        import difflib
+        import re
+
+        m = re.match(r"unrecognized arguments: (.*)", message)
+        if m:
+            flags = [s for a in self._actions for s in a.option_strings]
+            hints = []
+            for arg in m.group(1).split():
+                if arg.startswith("-"):
+                    name = arg.split("=")[0]
+                    close = difflib.get_close_matches("--" + name.lstrip("-").replace("-", "_"), flags, n=1)
+                    hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+            if hints:
+                message = f"unrecognized arguments: {', '.join(hints)}"
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser(prog: str = "sar-kd train") -> argparse.ArgumentParser:
     """An argparse parser generated from :class:`TrainConfig` (help text = field metadata)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description="Student-aware router knowledge distillation: train a dense student and the MoE teacher's routers.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--config", default=None, help="JSON file of options; command-line flags override it.")
     hints = typing.get_type_hints(TrainConfig)
@@ -171,25 +204,91 @@ def build_parser(prog: str = "sar-kd train") -> argparse.ArgumentParser:
     return parser
 
 
+def _field_kinds() -> dict[str, tuple[Any, bool, bool]]:
+    """Field name -> (inner type, is_list, optional) of every :class:`TrainConfig` option."""
+    hints = typing.get_type_hints(TrainConfig)
+    kinds = {}
+    for f in dataclasses.fields(TrainConfig):
+        inner, is_list = _base_type(hints[f.name])
+        kinds[f.name] = (inner, is_list, type(None) in typing.get_args(hints[f.name]))
+    return kinds
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+_PLURAL_WORDS = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+
+
+def _check_file_value(name: str, value: Any) -> tuple[Any, str | None]:
+    """(value to use, problem or None) of one ``--config`` entry, checked against the field's type."""
+    inner, is_list, optional = _field_kinds()[name]
+    if value is None:
+        return value, None if optional else f"{name} must not be null"
+
+    def one(v: Any) -> tuple[Any, bool]:
+        if inner is bool:
+            return v, isinstance(v, bool)
+        if inner is int:
+            return v, isinstance(v, int) and not isinstance(v, bool)
+        if inner is float:  # JSON has one number type: 5 means 5.0
+            ok = isinstance(v, int | float) and not isinstance(v, bool)
+            return (float(v) if ok else v), ok
+        return v, isinstance(v, inner)
+
+    got = json.dumps(value)
+    if is_list:
+        checked = [one(v) for v in value] if isinstance(value, list) else [(value, False)]
+        if not all(ok for _, ok in checked):
+            return value, f"{name} must be a list of {_PLURAL_WORDS[inner]} (got {got})"
+        value = [v for v, _ in checked]
+    else:
+        value, ok = one(value)
+        if not ok:
+            return value, f"{name} must be {_TYPE_WORDS[inner]}{' or null' if optional else ''} (got {got})"
+    choices = {f.name: f.metadata.get("choices") for f in dataclasses.fields(TrainConfig)}[name]
+    if choices is not None and value not in choices:
+        return value, f"{name} must be one of {', '.join(choices)} (got {got})"
+    return value, None
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The options of a ``--config`` JSON file, type-checked; every problem in one :class:`ConfigError`."""
+    try:
+        file_values = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--config {path}: cannot read JSON ({e}).") from e
+    if not isinstance(file_values, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of option: value pairs")
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(file_values) - names)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown option(s) {', '.join(unknown)}.")
+    values, problems = {}, []
+    for k, v in file_values.items():
+        values[k], problem = _check_file_value(k, v)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ConfigError(f"--config {path}: " + "; ".join(problems))
+    return values
+
+
 def config_from_args(argv: list[str] | None = None, prog: str = "sar-kd train") -> TrainConfig:
-    """Parse the command line (and an optional ``--config`` JSON file) into a validated config."""
+    """Parse the command line (and an optional ``--config`` JSON file) into a validated config.
+
+    Precedence: a flag given on the command line (even one equal to its default) > the file > the default.
+    """
     parser = build_parser(prog)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --help, usage errors and type conversion
     values = {k: v for k, v in vars(args).items() if k != "config"}
     if args.config:
-        try:
-            file_values = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"--config {args.config}: cannot read JSON ({e}).") from e
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        unknown = sorted(set(file_values) - names)
-        if unknown:
-            raise ConfigError(f"--config {args.config}: unknown option(s) {', '.join(unknown)}.")
-        defaults = vars(parser.parse_args([]))
-        # A flag given on the command line wins over the file; the file wins over defaults.
-        for k, v in file_values.items():
-            if values[k] == defaults[k]:
-                values[k] = v
+        # A second parse whose defaults are all SUPPRESS holds only the flags actually given, so a flag
+        # equal to its default still wins over the file.
+        only_given = build_parser(prog)
+        for action in only_given._actions:
+            action.default = argparse.SUPPRESS
+        given = vars(only_given.parse_args(argv))
+        values.update(read_config_file(args.config))
+        values.update({k: v for k, v in given.items() if k != "config"})
     cfg = TrainConfig(**values)
     validate_config(cfg)
     return cfg
@@ -251,6 +350,11 @@ def validate_config(cfg: TrainConfig) -> None:
     need(
         cfg.dataset_config_name is None or has_hub,
         "--dataset_config_name needs --dataset_name",
+    )
+    need(
+        cfg.validation_file is None or not has_hub,
+        "--validation_file goes with --train_file; with --dataset_name the dataset's own validation split "
+        "is used (or --validation_split_percentage of the training blocks)",
     )
     for name in ("train_file", "validation_file"):
         path = getattr(cfg, name)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import ConfigError, TrainConfig
@@ -105,68 +107,151 @@ def _encode(tok, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]
     return list(zip(enc["input_ids"], enc["offset_mapping"]))
 
 
+@dataclass
+class _Tokens:
+    """One tokenisation of the whole stream: ids (N,) and global character spans (N, 2), in order."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+
+    def cuts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(character positions, token counts) where the stream can be cut between two tokens.
+
+        A cut at character ``p`` after ``k`` tokens is clean when the first ``k`` tokens end at or
+        before ``p`` and the others start at or after it. Byte-level pieces of one character share its
+        span, so no cut falls inside a character. Starts with (0, 0)."""
+        starts, ends = self.offsets[:, 0], self.offsets[:, 1]
+        reach = np.maximum.accumulate(ends)
+        later = np.minimum.accumulate(starts[::-1])[::-1]
+        clean = np.ones(len(ends), dtype=bool)
+        clean[:-1] = reach[:-1] <= later[1:]
+        pos = np.concatenate([[0], reach[clean]])
+        count = np.concatenate([[0], np.nonzero(clean)[0] + 1])
+        pos, first = np.unique(pos, return_index=True)  # several cuts at one place (zero-width tokens): the first
+        return pos, count[first]
+
+
+def _tokenize_stream(tok, pieces: list[str], batch_docs: int = 1000) -> _Tokens:
+    """The stream tokenised document by document (as in logit mode), offsets in stream characters."""
+    starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
+    ids, offsets = [], []
+    for i in range(0, len(pieces), batch_docs):
+        enc = tok(pieces[i : i + batch_docs], add_special_tokens=False, return_offsets_mapping=True)
+        lens = [len(e) for e in enc["input_ids"]]
+        ids.append(np.fromiter(chain.from_iterable(enc["input_ids"]), dtype=np.int64, count=sum(lens)))
+        off = np.array(list(chain.from_iterable(enc["offset_mapping"])), dtype=np.int64).reshape(-1, 2)
+        offsets.append(off + np.repeat(starts[i : i + batch_docs], lens)[:, None])
+    return _Tokens(np.concatenate(ids), np.concatenate(offsets))
+
+
+def _pieces_that_fit(text: str, student_tok, teacher_tok, block_size: int) -> list[tuple]:
+    """``text`` cut at whitespace into consecutive pieces that fit ``block_size`` tokens on both sides,
+    each tokenised on its own: ``[(n_chars, (s_ids, s_off), (t_ids, t_off)), ...]``. A piece's cut-off
+    tail starts the next piece, so the pieces tile ``text``."""
+    pieces, pos = [], 0
+    while pos < len(text):
+        rest, cut = text[pos:], len(text) - pos
+        while True:
+            (s_ids, s_off), (t_ids, t_off) = (
+                _encode(student_tok, [rest[:cut]])[0],
+                _encode(teacher_tok, [rest[:cut]])[0],
+            )
+            over = [off[block_size - 1][1] for ids, off in ((s_ids, s_off), (t_ids, t_off)) if len(ids) > block_size]
+            if not over or cut == 1:
+                break
+            limit = max(1, min(min(over), cut - 1))
+            cut = _split_point(rest, limit) if limit > 1 else 1
+        # (only one character over block_size tokens, block_size < 4, is cut to size)
+        pieces.append((cut, (s_ids[:block_size], s_off[:block_size]), (t_ids[:block_size], t_off[:block_size])))
+        pos += cut
+    return pieces
+
+
 def pack_dual_blocks(
-    texts: list[str], student_tok, teacher_tok, block_size: int, batch_chunks: int = 256
+    texts: list[str], student_tok, teacher_tok, block_size: int, rows_per_fill: int = 2048
 ) -> dict[str, torch.Tensor]:
     """Blocks of shared text tokenised by both tokenizers, for hidden-state distillation.
 
-    The text stream is cut into character chunks (at whitespace) sized so both tokenisations
-    usually fit ``block_size``; a chunk that does not fit on either side is shortened to the
-    character range both cover within ``block_size`` tokens and tokenised again. Returns
-    ``student_ids``/``teacher_ids`` (N, T), ``*_mask`` (N, T), ``*_offsets`` (N, T, 2) (character
-    spans in the chunk), and per-block counts ``n_kd`` (aligned student tokens), ``n_ce`` (student
-    labels), ``n_tce`` (teacher labels). Padding is masked everywhere.
+    The stream (the documents joined as by :func:`as_stream`) is tokenised once by each tokenizer,
+    document by document, and cut into consecutive character spans: each span ends at the furthest
+    place where both tokenisations can be cut cleanly and both fit ``block_size`` tokens, so no
+    characters-per-token ratio is guessed and prose, CJK and emoji blocks come out equally full. Where
+    the two tokenisations share no cut within ``block_size`` tokens (rare), that stretch is cut at
+    whitespace and tokenised piece by piece, the cut-off tail of each piece starting the next one.
+
+    The spans tile the stream: **every character is in exactly one block, once**; nothing is dropped.
+    The last block (and a fallback piece) can be shorter than ``block_size``; it is padded. The only
+    text left out is a span without a single token on one side (text a tokenizer normalises away).
+
+    Returns ``student_ids``/``teacher_ids`` (N, T), ``*_mask`` (N, T), ``*_offsets`` (N, T, 2)
+    (character spans from the block's first character, the same origin on both sides), and per-block
+    counts ``n_kd`` (aligned student tokens), ``n_ce`` (student labels), ``n_tce`` (teacher labels).
+    Padding is masked everywhere.
     """
     from .alignment import overlap_alignment
 
-    stream = "".join(as_stream(texts))
+    pieces = as_stream(texts)
+    stream = "".join(pieces)
     if not stream.strip():
         return {}
-    sample = stream[:200_000]
-    per_tok = min(
-        len(sample) / max(1, len(student_tok(sample, add_special_tokens=False)["input_ids"])),
-        len(sample) / max(1, len(teacher_tok(sample, add_special_tokens=False)["input_ids"])),
-    )
-    chunk_chars = max(8, int(block_size * per_tok * 0.9))
-    chunks, pos = [], 0
-    while pos < len(stream):
-        rest = stream[pos : pos + chunk_chars + 1]
-        end = len(rest) if len(rest) <= chunk_chars else _split_point(rest, chunk_chars)
-        chunks.append(rest[:end])
-        pos += end
+    sides = {"student": _tokenize_stream(student_tok, pieces), "teacher": _tokenize_stream(teacher_tok, pieces)}
+    (s_pos, s_cnt), (t_pos, t_cnt) = sides["student"].cuts(), sides["teacher"].cuts()
+    pos, i_s, i_t = np.intersect1d(s_pos, t_pos, assume_unique=True, return_indices=True)
+    cs, ct = s_cnt[i_s], t_cnt[i_t]
+    if pos[-1] != len(stream):  # trailing text without tokens: the end of the stream is a clean cut too
+        pos = np.append(pos, len(stream))
+        cs, ct = np.append(cs, len(sides["student"].ids)), np.append(ct, len(sides["teacher"].ids))
 
-    rows: list[tuple] = []
-    for i in range(0, len(chunks), batch_chunks):
-        batch = chunks[i : i + batch_chunks]
-        for text, (s_ids, s_off), (t_ids, t_off) in zip(
-            batch, _encode(student_tok, batch), _encode(teacher_tok, batch)
+    # Greedy, left to right: from each cut, the furthest common cut within block_size tokens on both sides.
+    rows: list[tuple[int, int, int, int, int]] = []  # first char, student token range, teacher token range
+    own: dict[int, tuple] = {}  # row -> its own tokenisation (fallback pieces)
+    k, last = 0, len(pos) - 1
+    while k < last:
+        j = min(np.searchsorted(cs, cs[k] + block_size, "right"), np.searchsorted(ct, ct[k] + block_size, "right")) - 1
+        if j > k:
+            rows.append((int(pos[k]), int(cs[k]), int(cs[j]), int(ct[k]), int(ct[j])))
+            k = j
+            continue
+        a = int(pos[k])
+        for n_chars, s_enc, t_enc in _pieces_that_fit(
+            stream[a : int(pos[k + 1])], student_tok, teacher_tok, block_size
         ):
-            while len(s_ids) > block_size or len(t_ids) > block_size:
-                limit = min(
-                    s_off[block_size - 1][1] if len(s_ids) > block_size else len(text),
-                    t_off[block_size - 1][1] if len(t_ids) > block_size else len(text),
-                )
-                text = text[: _split_point(text, limit) if limit < len(text) else int(len(text) * 0.9)]
-                (s_ids, s_off), (t_ids, t_off) = _encode(student_tok, [text])[0], _encode(teacher_tok, [text])[0]
-            if len(s_ids) >= 2 and len(t_ids) >= 2:
-                rows.append((s_ids, s_off, t_ids, t_off))
-    if not rows:
-        return {}
+            own[len(rows)] = (s_enc, t_enc)
+            rows.append((a, 0, 0, 0, 0))
+            a += n_chars
+        k += 1
 
     n = len(rows)
-    out = {
-        "student_ids": torch.full((n, block_size), _pad_id(student_tok), dtype=torch.long),
-        "student_mask": torch.zeros(n, block_size, dtype=torch.long),
-        "student_offsets": torch.zeros(n, block_size, 2, dtype=torch.int32),
-        "teacher_ids": torch.full((n, block_size), _pad_id(teacher_tok), dtype=torch.long),
-        "teacher_mask": torch.zeros(n, block_size, dtype=torch.long),
-        "teacher_offsets": torch.zeros(n, block_size, 2, dtype=torch.int32),
-    }
-    for k, (s_ids, s_off, t_ids, t_off) in enumerate(rows):
-        for side, ids, off in (("student", s_ids, s_off), ("teacher", t_ids, t_off)):
-            out[f"{side}_ids"][k, : len(ids)] = torch.tensor(ids)
-            out[f"{side}_mask"][k, : len(ids)] = 1
-            out[f"{side}_offsets"][k, : len(ids)] = torch.tensor(off, dtype=torch.int32)
+    out = {}
+    for side, tok in (("student", student_tok), ("teacher", teacher_tok)):
+        out[f"{side}_ids"] = torch.full((n, block_size), _pad_id(tok), dtype=torch.long)
+        out[f"{side}_mask"] = torch.zeros(n, block_size, dtype=torch.long)
+        out[f"{side}_offsets"] = torch.zeros(n, block_size, 2, dtype=torch.int32)
+    table = torch.tensor(rows, dtype=torch.long).view(n, 5)
+    arange = torch.arange(block_size)
+    for side, col in (("student", 1), ("teacher", 3)):
+        ids, offsets = torch.from_numpy(sides[side].ids), torch.from_numpy(sides[side].offsets)
+        for lo in range(0, n, rows_per_fill):  # gather the token ranges, a bounded number of rows at a time
+            t = table[lo : lo + rows_per_fill]
+            idx = t[:, col, None] + arange
+            valid = idx < t[:, col + 1, None]
+            idx = idx.clamp(max=max(len(ids) - 1, 0))
+            sl = slice(lo, lo + len(t))
+            out[f"{side}_ids"][sl] = torch.where(valid, ids[idx], out[f"{side}_ids"][sl])
+            out[f"{side}_mask"][sl] = valid.long()
+            rel = (offsets[idx] - t[:, 0, None, None]).masked_fill(~valid[..., None], 0)
+            out[f"{side}_offsets"][sl] = rel.to(torch.int32)
+    for r, encs in own.items():
+        for side, (ids, off) in zip(("student", "teacher"), encs):
+            out[f"{side}_ids"][r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            out[f"{side}_mask"][r, : len(ids)] = 1
+            out[f"{side}_offsets"][r, : len(ids)] = torch.tensor(off, dtype=torch.int32).view(-1, 2)
+    keep = (out["student_mask"].sum(1) > 0) & (out["teacher_mask"].sum(1) > 0)
+    if not bool(keep.all()):
+        out = {k: v[keep] for k, v in out.items()}
+    n = int(keep.sum())
+    if n == 0:
+        return {}
     out["n_ce"] = out["student_mask"].sum(1) - 1
     out["n_tce"] = out["teacher_mask"].sum(1) - 1
     n_kd = []

@@ -41,14 +41,14 @@ def builtin_config(role: str):
 
 
 def resolve_config(name: str, role: str):
-    """A model config from a local dir or hub id; the default pair falls back to the vendored copy."""
+    """A model config from a local dir or hub id; the default pair's hub ids use the vendored copy (no network)."""
+    import sys
+
     from .loading import load_config
 
     if name == BUILTIN[role][1]:
-        try:
-            return load_config(name, role)
-        except ConfigError:
-            return builtin_config(role)
+        print(f"{role} {name}: using the bundled config (sar_kd/assets/configs, no download)", file=sys.stderr)
+        return builtin_config(role)
     return load_config(name, role)
 
 
@@ -58,11 +58,44 @@ class ModelCounts:
     router_params: int
     layers: int
     hidden: int
-    layer_elements: float  # elements one decoder layer keeps per token for its backward (training forward)
+    layer_elements: float  # elements the largest decoder layer keeps per token for its backward (training forward)
     vocab: int
+    all_layer_elements: float = 0.0  # the same, summed over all decoder layers (dense and MoE layers differ)
 
 
-def _layer_elements(conf, moe: bool, experts_run: int | None = None) -> float:
+@dataclass
+class LayerMLP:
+    """The feed-forward part of one decoder layer, by intermediate width (0: absent)."""
+
+    dense: int  # a plain MLP (a dense layer of an MoE model, or any layer of a dense model)
+    expert: int = 0  # each routed expert's width
+    shared: int = 0  # the shared expert(s), run for every token, as one MLP of this width
+
+
+def layer_mlps(conf) -> list[LayerMLP]:
+    """Per decoder layer, the MLPs it holds, following the families' own rules: DeepSeek-style
+    ``first_k_dense_replace`` leading dense layers and ``n_shared_experts`` shared experts of
+    ``moe_intermediate_size`` each; Qwen2/3-MoE ``mlp_only_layers`` and ``decoder_sparse_step``;
+    Qwen2-MoE ``shared_expert_intermediate_size``; GraniteMoE-shared ``shared_intermediate_size``."""
+    n = conf.num_hidden_layers
+    if not num_experts_of(conf):
+        return [LayerMLP(dense=conf.intermediate_size) for _ in range(n)]
+    expert = getattr(conf, "moe_intermediate_size", None) or conf.intermediate_size
+    shared = getattr(conf, "shared_expert_intermediate_size", 0) or getattr(conf, "shared_intermediate_size", 0) or 0
+    shared = shared or (getattr(conf, "n_shared_experts", 0) or 0) * expert
+    only_mlp = set(getattr(conf, "mlp_only_layers", None) or ())
+    step = getattr(conf, "decoder_sparse_step", None) or 1
+    first_dense = getattr(conf, "first_k_dense_replace", None) or 0
+    layers = []
+    for i in range(n):
+        if i in only_mlp or (i + 1) % step != 0 or i < first_dense:
+            layers.append(LayerMLP(dense=conf.intermediate_size))
+        else:
+            layers.append(LayerMLP(dense=0, expert=expert, shared=shared))
+    return layers
+
+
+def _layer_elements(conf, mlp: LayerMLP, experts_run: int | None = None) -> float:
     h = conf.hidden_size
     nh = conf.num_attention_heads
     hd = getattr(conf, "head_dim", None) or h // nh
@@ -70,17 +103,13 @@ def _layer_elements(conf, moe: bool, experts_run: int | None = None) -> float:
     q, kv = nh * hd, nkv * hd
     # norms (fp32 copy + output) x2, q/k/v, rotary q/k and halves, q/k norms, SDPA q/k/v/out, o_proj input
     attn = 4 * h + 3 * q + 2 * kv + 2 * (q + kv) + (q + kv) + (2 * q + 2 * kv) + q
-    if moe:
+    ffn = 5 * mlp.dense + 5 * mlp.shared  # gate, up, act in/out, product of each plain MLP
+    if mlp.expert:
         e = num_experts_of(conf)
         k = experts_run or getattr(conf, "num_experts_per_tok", 1) or 1
-        im = getattr(conf, "moe_intermediate_size", None) or conf.intermediate_size
         # router logits + fp32 probs; per chosen expert: gathered input, gate_up, act in/out, product, out, weighted
-        mlp = 2 * e + k * (3 * h + 2 * im + 3 * im)
-        shared = getattr(conf, "shared_expert_intermediate_size", 0) or 0
-        mlp += 5 * shared
-    else:
-        mlp = 5 * conf.intermediate_size
-    return float(attn + mlp)
+        ffn += 2 * e + k * (3 * h + 2 * mlp.expert + 3 * mlp.expert)
+    return float(attn + ffn)
 
 
 def count_model(conf, all_experts: bool = False) -> ModelCounts:
@@ -102,14 +131,16 @@ def count_model(conf, all_experts: bool = False) -> ModelCounts:
     except ConfigError:
         router_params, moe = 0, False
     # the training forward of the teacher: every expert runs with the default router gradient
-    peak_layer = _layer_elements(conf, moe, num_experts_of(conf) if (moe and all_experts) else None)
+    run = num_experts_of(conf) if (moe and all_experts) else None
+    per_layer = [_layer_elements(conf, mlp, run) for mlp in layer_mlps(conf)]
     return ModelCounts(
         params=params,
         router_params=router_params,
         layers=conf.num_hidden_layers,
         hidden=conf.hidden_size,
-        layer_elements=peak_layer,
+        layer_elements=max(per_layer),
         vocab=conf.vocab_size,
+        all_layer_elements=sum(per_layer),
     )
 
 
@@ -125,8 +156,11 @@ def estimate_memory(
     layer_pairs: int = 1,
     cuda: bool = True,
     router_grad: str = "straight_through",
+    router_teacher_ce_weight: float = 0.0,
 ) -> dict[str, Any]:
-    """Peak memory (bytes) of one training step, by component; ``total_bytes`` is their sum."""
+    """Peak memory (bytes) of one training step, by component; ``total_bytes`` is their sum.
+
+    ``router_teacher_ce_weight`` > 0 runs the teacher's LM head in hidden (dual-tokenizer) mode too."""
     t = count_model(teacher_conf, all_experts=router_grad in ("straight_through", "dense"))
     s = count_model(student_conf)
     if t.router_params == 0:
@@ -149,7 +183,7 @@ def estimate_memory(
         # one layer recomputed at a time, its activations and their gradients
         recompute = 2 * tokens * max(t.layer_elements, s.layer_elements) * act_b
     else:
-        kept = tokens * (t.layers * t.layer_elements + s.layers * s.layer_elements) * act_b
+        kept = tokens * (t.all_layer_elements + s.all_layer_elements) * act_b
         recompute = 0
     out["activations"] = int(kept + recompute)
     chunk = min(kd_chunk_size, tokens)
@@ -158,7 +192,9 @@ def estimate_memory(
         out["logits"] = chunk * min(t.vocab, s.vocab) * 4 * 8
     else:
         # one chunk of the student's logits for its CE; alignment matrices and pooled teacher states
-        out["logits"] = chunk * s.vocab * 4 * 4
+        # with teacher CE, a chunk of the teacher's logits too; the two heads' chunks run one after the
+        # other (each checkpointed), so the wider one sets the peak
+        out["logits"] = chunk * max(s.vocab, t.vocab if router_teacher_ce_weight > 0 else 0) * 4 * 4
         out["alignment"] = batch_size * block_size * block_size * 4 * 3 + tokens * (t.hidden + s.hidden) * 4 * 3
     out["cuda_overhead"] = CUDA_OVERHEAD_BYTES if cuda else 0
     out = {k: int(v) for k, v in out.items()}
@@ -172,6 +208,7 @@ def estimate_memory(
         "gradient_checkpointing": gradient_checkpointing,
         "kd_chunk_size": kd_chunk_size,
         "router_grad": router_grad,
+        "router_teacher_ce_weight": router_teacher_ce_weight,
     }
     return out
 
@@ -266,6 +303,12 @@ def estimate_main(argv: list[str] | None = None) -> int:
         choices=("straight_through", "straight_through_topk", "dense", "native"),
         help="as for training: straight_through and dense run every expert while training",
     )
+    p.add_argument(
+        "--router_teacher_ce_weight",
+        type=float,
+        default=0.0,
+        help="as for training: > 0 runs the teacher's LM head in dual-tokenizer mode too",
+    )
     p.add_argument("--gpu_memory", default=None, help="Give a verdict for this GPU size, e.g. 16GB.")
     p.add_argument("--json", action="store_true", help="Print one JSON object (with total_bytes).")
     p.add_argument("--table", action="store_true", help="Print the README table of block sizes per GPU size.")
@@ -289,6 +332,7 @@ def estimate_main(argv: list[str] | None = None) -> int:
         gradient_checkpointing=a.gradient_checkpointing,
         kd_chunk_size=a.kd_chunk_size,
         router_grad=a.router_grad,
+        router_teacher_ce_weight=a.router_teacher_ce_weight,
     )
     if a.json:
         if gpu is not None:

@@ -1,0 +1,69 @@
+"""The ``--config`` file: flags given on the command line win, values are type-checked, conflicts refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import base_args
+from sar_kd.cli import main
+from sar_kd.config import ConfigError, TrainConfig, config_from_args
+
+
+def _file(tmp_path, values: dict) -> str:
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(values))
+    return str(path)
+
+
+def test_a_flag_equal_to_its_default_still_wins_over_the_file(tiny_pair, tmp_path):
+    default = TrainConfig()
+    cfg_file = _file(tmp_path, {"router_lr": 1e-3, "seed": 7, "cpu": True, "gradient_checkpointing": False})
+    args = ["--train_file", tiny_pair["train"], "--router_lr", str(default.router_lr), "--seed", "42"]
+    cfg = config_from_args(["--config", cfg_file, *args])
+    assert cfg.router_lr == default.router_lr and cfg.seed == 42  # given on the command line
+    assert cfg.cpu is True and cfg.gradient_checkpointing is False  # only in the file
+    cfg = config_from_args(["--config", cfg_file, "--train_file", tiny_pair["train"]])
+    assert cfg.router_lr == 1e-3 and cfg.seed == 7
+
+
+def test_file_values_are_type_checked(tiny_pair, tmp_path):
+    ok = {"student_lr": 1, "eval_max_batches": None, "router_patterns": ["gate"], "use_scheduler": True}
+    cfg = config_from_args(["--config", _file(tmp_path, ok), "--train_file", tiny_pair["train"]])
+    assert cfg.student_lr == 1.0 and isinstance(cfg.student_lr, float)  # an int is fine for a float
+    assert cfg.eval_max_batches is None and cfg.router_patterns == ["gate"]
+    cases = {
+        "block_size": ("512", 'block_size must be an integer (got "512")'),
+        "train_steps": (2.5, "train_steps must be an integer (got 2.5)"),
+        "seed": (True, "seed must be an integer (got true)"),
+        "router_lr": ("1e-3", 'router_lr must be a number (got "1e-3")'),
+        "cpu": ("yes", 'cpu must be true or false (got "yes")'),
+        "router_patterns": ("gate", 'router_patterns must be a list of strings (got "gate")'),
+        "eval_max_batches": ("4", 'eval_max_batches must be an integer or null (got "4")'),
+        "text_column": (None, "text_column must not be null"),
+        "router_grad": ("straight", "router_grad must be one of straight_through, straight_through_topk, dense"),
+    }
+    for key, (value, message) in cases.items():
+        path = _file(tmp_path, {key: value})
+        with pytest.raises(ConfigError) as e:
+            config_from_args(["--config", path, "--train_file", tiny_pair["train"]])
+        assert str(e.value).startswith(f"--config {path}: ") and message in str(e.value), key
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        config_from_args(["--config", _file(tmp_path, [1, 2]), "--train_file", tiny_pair["train"]])
+
+
+def test_wrong_type_in_the_file_is_one_line_through_the_cli(tiny_pair, tmp_path, capsys):
+    cfg_file = _file(tmp_path, {"block_size": "512", "seed": "x"})
+    rc = main(["train", "--config", cfg_file, *base_args(tiny_pair, tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert 'block_size must be an integer (got "512"); seed must be an integer (got "x")' in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_validation_file_with_a_dataset_is_refused(tiny_pair, tmp_path, capsys):
+    args = base_args(tiny_pair, tmp_path / "o", train_file=None, dataset_name="wikitext")
+    rc = main(["train", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--validation_file goes with --train_file" in err[0]
