@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+
+import torch
+import transformers
 
 from sar_kd.cli import main
 
 
-def test_demo_pipeline_reduced(tmp_path, capsys):
+def test_demo_pipeline_reduced(tmp_path, capsys, caplog):
     out, cache = tmp_path / "demo", tmp_path / "cache"
     args = [
         "demo",
@@ -22,13 +26,20 @@ def test_demo_pipeline_reduced(tmp_path, capsys):
         "--cache_dir",
         str(cache),
     ]
-    assert main(args) == 0
+    with caplog.at_level(logging.INFO, logger="sar_kd"):
+        assert main(args) == 0
     printed = capsys.readouterr().out
     for arm in ("CE only", "KD, router frozen", "SAR-KD (router learns)"):
         assert arm in printed
     assert (out / "demo_curves.png").stat().st_size > 10_000
     report = json.loads((out / "demo_results.json").read_text())
     assert set(report["arms"]) == {"ce_only", "kd_frozen", "sarkd", "sarkd_tce"}
+    env = report["environment"]  # the table's last digits depend on these
+    assert env["torch"] == torch.__version__ and env["transformers"] == transformers.__version__
+    assert env["python"] and env["sar_kd"] and env["torch_threads"] == torch.get_num_threads()
+    assert f"torch {torch.__version__}" in printed and "torch threads" in printed
+    progress = [r.getMessage() for r in caplog.records if "demo: run " in r.getMessage()]
+    assert "run 1/4: CE only, seed 0" in progress[0] and "left" in progress[2]
     for runs in report["arms"].values():
         assert len(runs) == 1 and 1 < runs[0]["final_student_ppl"] < 1e4
     frozen, sarkd = report["arms"]["kd_frozen"][0], report["arms"]["sarkd"][0]

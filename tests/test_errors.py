@@ -32,7 +32,20 @@ CASES = {
     "fp16_on_cpu": (lambda p, t: {"model_dtype": "float16"}, "needs a CUDA GPU"),
     "bad_regex": (lambda p, t: {"router_patterns": "gate("}, "not a valid regex"),
     "negative_lr": (lambda p, t: {"student_lr": -1}, "--student_lr must be >= 0"),
+    "moe_student": (lambda p, t: {"student_model": _moe_model(p, t)}, "is a mixture-of-experts model (4 experts)"),
+    "teacher_as_student": (lambda p, t: {"student_model": p["teacher"]}, "is the teacher itself"),
 }
+
+
+def _moe_model(pair, tmp):
+    """A second MoE model on the pair's tokenizer (not the teacher's directory)."""
+    from transformers import AutoTokenizer
+
+    from sar_kd.toy import save_random_model, tiny_moe_config
+
+    tok = AutoTokenizer.from_pretrained(pair["teacher"])
+    save_random_model(tiny_moe_config(len(tok)), tmp / "moe_student", seed=5, tokenizer=tok)
+    return str(tmp / "moe_student")
 
 
 def _write(path, text):

@@ -22,10 +22,17 @@ def _setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("transformers", "datasets", "accelerate", "httpx", "filelock"):
+    for noisy in ("transformers", "datasets", "accelerate", "httpx", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
+    hub_logging.get_logger(), hf_logging.get_logger()  # make each library add its own stderr handler now
+    # huggingface_hub's handler also propagates to the root handler above, so each of its warnings
+    # printed twice; drop the libraries' handlers and let everything go through the root one.
+    for lib in ("transformers", "huggingface_hub"):
+        logging.getLogger(lib).handlers.clear()
+        logging.getLogger(lib).propagate = True
     hf_logging.disable_progress_bar()  # per-file loading/saving bars drown the training log
 
 
@@ -109,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = ["usage: sar-kd COMMAND [options]", "", "commands:"]
         lines += [f"  {name:14s}{desc}" for name, (desc, _) in COMMANDS.items()]
+        lines += ["", "Each command has its own options: sar-kd COMMAND --help (e.g. sar-kd train --help)."]
         print("\n".join(lines), file=sys.stdout if argv and argv[0] in ("-h", "--help") else sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):
             print(f"sar-kd: error: unknown command {argv[0]!r}", file=sys.stderr)

@@ -107,9 +107,9 @@ def pretrain_teacher(path: Path, tokenizer, train_lines: list[str], steps: int, 
         sched.step()
         opt.zero_grad(set_to_none=True)
         if (step + 1) % 100 == 0:
-            logger.info(
-                "  teacher step %d/%d ce %.3f (%.0fs)", step + 1, steps, float(ce.detach()), time.perf_counter() - t0
-            )
+            spent = time.perf_counter() - t0
+            logger.info("  teacher step %d/%d ce %.3f (%s, about %s left)", step + 1, steps, float(ce.detach()),
+                        _duration(spent), _duration(spent / (step + 1) * (steps - step - 1)))  # fmt: skip
     ctl.remove()
     model.save_pretrained(str(path / "teacher"))
     tokenizer.save_pretrained(str(path / "teacher"))
@@ -192,6 +192,41 @@ def run_arm(paths: dict[str, str], arm: Arm, seed: int, steps: int, out: Path, e
     return {"summary": summary, "evals": evals}
 
 
+def environment() -> dict:
+    """Library versions, torch threads and machine the numbers were measured with: the last digits of
+    the table move between builds of torch (and thread counts), so they travel with the results."""
+    import os
+    import platform
+
+    from .checkpointing import versions
+
+    return {
+        **versions(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": f"{platform.system()} {platform.machine()}",
+    }
+
+
+def format_environment(env: dict) -> str:
+    return (
+        f"environment: torch {env['torch']}, transformers {env['transformers']}, python {env['python']}, "
+        f"sar_kd {env['sar_kd']}; {env['torch_threads']} torch threads on {env['cpu_count']} CPUs ({env['machine']})"
+    )
+
+
+def _time_left(took: dict[str, list[float]], seeds: int) -> float:
+    """Seconds the remaining runs should take: an arm's mean run time so far, or for an arm not yet
+    started the slowest arm's (arms cost differently: a frozen router skips the router backward)."""
+    means = [statistics.mean(t) for t in took.values() if t]
+    return sum((seeds - len(t)) * (statistics.mean(t) if t else max(means)) for t in took.values())
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def _spread(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
@@ -225,26 +260,41 @@ def results_table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+# Colour, line style and marker per arm: arms that coincide (both frozen arms keep the teacher
+# unchanged) stay visible as dashes and markers over a wider line.
+STYLES = {
+    "ce_only": dict(color="C0", ls="-", marker="o", lw=3.2),
+    "kd_frozen": dict(color="C1", ls="--", marker="s", lw=2.4),
+    "sarkd": dict(color="C2", ls="-.", marker="^", lw=1.8),
+    "sarkd_tce": dict(color="C3", ls=":", marker="D", lw=1.8),
+}
+
+
 def plot_results(results: dict[str, list[dict]], png: Path, teacher_ppl0: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .plot import plain_log_axis
+
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    a2.axhline(teacher_ppl0, color="gray", ls=":", lw=1, zorder=0, label="teacher before distillation")
     for key, runs in results.items():
-        steps = [e["step"] for e in runs[0]["evals"]]
         for i, r in enumerate(runs):
-            kw = {"label": ARMS[key].name} if i == 0 else {}
-            color = {"ce_only": "C0", "kd_frozen": "C1", "sarkd": "C2", "sarkd_tce": "C3"}[key]
-            a1.plot(steps, [e["student_ppl"] for e in r["evals"]], color=color, alpha=0.8, **kw)
-            a2.plot(steps, [e["teacher_ppl"] for e in r["evals"]], color=color, alpha=0.8, **kw)
+            steps = [e["step"] for e in r["evals"]]
+            kw = dict(STYLES[key], alpha=0.75, ms=5, markevery=max(1, len(steps) // 8))
+            kw["label"] = ARMS[key].name if i == 0 else None
+            a1.plot(steps, [e["student_ppl"] for e in r["evals"]], **kw)
+            a2.plot(steps, [e["teacher_ppl"] for e in r["evals"]], **kw)
     a1.set_title("student validation perplexity (one line per seed)")
     a2.set_title("teacher validation perplexity")
-    a2.axhline(teacher_ppl0, color="gray", ls=":", label="teacher before distillation")
-    for a in (a1, a2):
+    for a, key in ((a1, "student_ppl"), (a2, "teacher_ppl")):
+        every = [e[key] for runs in results.values() for r in runs for e in r["evals"]]
+        every += [teacher_ppl0] if key == "teacher_ppl" else []
+        finals = [statistics.mean(r["evals"][-1][key] for r in runs) for runs in results.values()]
+        plain_log_axis(a, min(every), max(every), finals)
         a.set_xlabel("optimizer step")
-        a.set_yscale("log")
         a.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=90)
@@ -270,22 +320,32 @@ def demo_main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     paths = prepare(Path(a.cache_dir), a.mode, a.teacher_steps)
     eval_every = max(1, a.steps // 6)
+    env = environment()
+    logger.info("demo: %s", format_environment(env))
     results: dict[str, list[dict]] = {}
     quiet = logging.getLogger("sar_kd")
+    n_runs, done = len(a.arms) * a.seeds, 0
+    took: dict[str, list[float]] = {k: [] for k in a.arms}  # seconds per run, by arm
     for key in a.arms:
         results[key] = []
         for seed in range(a.seeds):
+            left = f", about {_duration(_time_left(took, a.seeds))} left" if done else ""
+            logger.info("demo: run %d/%d: %s, seed %d (%s elapsed%s)", done + 1, n_runs, ARMS[key].name, seed,
+                        _duration(time.perf_counter() - t0), left)  # fmt: skip
             level = quiet.level
             quiet.setLevel(logging.WARNING)
+            t_run = time.perf_counter()
             try:
                 r = run_arm(paths, ARMS[key], seed, a.steps, out / "runs" / f"{key}-seed{seed}", eval_every)
             finally:
                 quiet.setLevel(level)
+            took[key].append(time.perf_counter() - t_run)
             results[key].append(r)
+            done += 1
             logger.info(
-                "demo: %-24s seed %d  student ppl %.2f  teacher ppl %.2f  (%.0fs elapsed)",
-                ARMS[key].name, seed, r["summary"]["final_student_ppl"], r["summary"]["final_teacher_ppl"],
-                time.perf_counter() - t0,
+                "demo: run %d/%d: %-24s seed %d  student ppl %.2f  teacher ppl %.2f",
+                done, n_runs, ARMS[key].name, seed, r["summary"]["final_student_ppl"],
+                r["summary"]["final_teacher_ppl"],
             )  # fmt: skip
     teacher_ppl0 = results[a.arms[0]][0]["summary"]["initial_teacher_ppl"]
     table = results_table(results)
@@ -299,15 +359,18 @@ def demo_main(argv: list[str] | None = None) -> int:
         "student_ppl_before": results[a.arms[0]][0]["summary"]["initial_student_ppl"],
         "arms": {k: [r["summary"] for r in v] for k, v in results.items()},
         "wall_time_s": time.perf_counter() - t0,
+        "environment": env,
     }
     (out / "demo_results.json").write_text(json.dumps(report, indent=2))
-    (out / "demo_table.md").write_text(table + "\n")
+    (out / "demo_table.md").write_text(f"{table}\n\n{format_environment(env)}\n")
     print(
         f"\nSAR-KD demo ({a.mode} tokenizer, {a.seeds} seed(s) x {a.steps} steps per arm; "
         f"teacher ppl before distillation {teacher_ppl0:.2f}, untrained student {report['student_ppl_before']:.2f})\n"
     )
     print(table)
-    print(f"\ncurves: {png}\nresults: {out / 'demo_results.json'}   wall time {report['wall_time_s']:.0f}s")
+    print(f"\n{format_environment(env)}")
+    print(f"curves: {png}\nresults: {out / 'demo_results.json'}   wall time {report['wall_time_s']:.0f}s")
+    print(f"each run's own curves: sar-kd plot {out}")
     if any(not math.isfinite(s["final_student_ppl"]) for v in report["arms"].values() for s in v):
         raise ConfigError("a demo run diverged (non-finite perplexity)")
     return 0
