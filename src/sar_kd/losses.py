@@ -126,12 +126,13 @@ def router_entropy(records: list[RouterRecord], token_mask: torch.Tensor | None 
     """Mean routing entropy (nats) over tokens and routers, with gradient.
 
     records: router logits (N, E) per router for the same N flattened tokens; token_mask (N,) bool
-    selects the tokens that count.
+    selects the tokens that count. The distribution is the router's own (softmax, or normalised
+    sigmoid scores ``σ(z)/Σσ(z)`` for sigmoid routers: :meth:`RouterRecord.distribution`).
     """
     vals = []
     for r in records:
-        logp = torch.log_softmax(r.logits.float(), dim=-1)
-        ent = -(logp.exp() * logp).sum(-1)
+        p = r.distribution()
+        ent = -(p * torch.log(p.clamp(min=1e-30))).sum(-1)
         vals.append(ent[token_mask].mean() if token_mask is not None else ent.mean())
     return torch.stack(vals).mean()
 
@@ -140,12 +141,13 @@ def router_load_balance(records: list[RouterRecord], token_mask: torch.Tensor | 
     """Switch-Transformer load-balance penalty, averaged over routers, with gradient.
 
     Per router: ``E · Σ_i f_i · P_i`` where f_i is the fraction of (token, slot) assignments that
-    chose expert i (no gradient) and P_i the mean routing probability of expert i (gradient).
+    chose expert i (no gradient) and P_i the mean routing probability of expert i (gradient; the
+    normalised sigmoid scores for sigmoid routers, as DeepSeek-V3's sequence-wise balance loss).
     Equals 1.0 for perfectly uniform routing, E when everything goes to one expert.
     """
     vals = []
     for r in records:
-        probs = torch.softmax(r.logits.float(), dim=-1)
+        probs = r.distribution()
         idx = r.indices
         if token_mask is not None:
             probs, idx = probs[token_mask], idx[token_mask]

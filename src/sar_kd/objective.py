@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import alignment, losses
+from .heads import OutputHead
 from .routers import RouterController
 
 
@@ -35,6 +36,12 @@ class ObjectiveWeights:
     router_load_balance_weight: float = 1e-3
     router_teacher_ce_weight: float = 0.0
     kd_chunk_size: int = 256
+    train_router: bool = True  # False (--router_lr 0): native, no-grad teacher forward, no router terms
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether training runs the teacher at all (not for a CE-only baseline)."""
+        return self.alpha_kd > 0 or self.router_teacher_ce_weight > 0
 
 
 def make_projection(teacher_hidden: int, student_hidden: int, num_pairs: int) -> nn.ModuleList:
@@ -58,7 +65,8 @@ class SARKDModel(nn.Module):
         controller: RouterController,
         router_params: dict[str, nn.Parameter],
         weights: ObjectiveWeights,
-        vocab_size: int | None = None,
+        student_head: OutputHead | None = None,
+        teacher_head: OutputHead | None = None,
         projection: nn.ModuleList | None = None,
         layer_pairs: list[tuple[int, int]] | None = None,
     ) -> None:
@@ -68,7 +76,9 @@ class SARKDModel(nn.Module):
         self.projection = projection
         self.controller = controller
         self.weights = weights
-        self.vocab_size = vocab_size
+        # the models' own output functions, trimmed to the tokenizers' sizes (no parameters of their own)
+        self.student_head = student_head if student_head is not None else OutputHead(student)
+        self.teacher_head = teacher_head if teacher_head is not None else OutputHead(teacher)
         self.layer_pairs = layer_pairs or [(-1, -1)]
         # A plain dict (not registered again): the same Parameter objects the teacher owns; .to() and
         # DDP keep those objects, so the map stays valid.
@@ -91,16 +101,23 @@ class SARKDModel(nn.Module):
 
     # ------------------------------------------------------------------ pieces
     def _teacher_body(self, input_ids, attention_mask, hidden_states: bool = False):
+        """Teacher forward with router records. While training with a learning router, the
+        controller's gradient mode is on; with a frozen router (or in evaluation) the forward is
+        the native one, without autograd."""
         ctl = self.controller
         ctl.records = []
         ctl.recording = True
+        learn = self.training and self.weights.train_router and torch.is_grad_enabled()
+        # left set after the forward: checkpointed teacher layers recompute it in the backward pass
+        ctl.active = learn
         try:
-            out = self.teacher.base_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                use_cache=False,
-                output_hidden_states=hidden_states,
-            )
+            with torch.set_grad_enabled(learn):
+                out = self.teacher.base_model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    use_cache=False,
+                    output_hidden_states=hidden_states,
+                )
         finally:
             ctl.recording = False
         return out, ctl.pop_records()
@@ -113,6 +130,9 @@ class SARKDModel(nn.Module):
     def router_terms(self, records, token_mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Weighted router regulariser and its parts, all carrying gradient to the routers."""
         w = self.weights
+        if not (w.train_router and records):  # a frozen router (or no teacher pass): nothing to regularise
+            zero = torch.zeros((), device=next(self.student.parameters()).device)
+            return {"router_loss": zero, "router_anchor": zero, "router_entropy": zero, "router_load_balance": zero}
         anchor = losses.router_anchor(self.router_params, self._anchors())
         entropy = losses.router_entropy(records, token_mask)
         balance = losses.router_load_balance(records, token_mask)
@@ -135,7 +155,10 @@ class SARKDModel(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], norms: dict[str, float]) -> dict[str, torch.Tensor]:
         """Loss of one micro-batch; ``norms`` are the window's global token counts (see class doc)."""
         w = self.weights
-        sums = self._logit_sums(batch) if self.mode == "logit" else self._hidden_sums(batch)
+        if not w.needs_teacher:
+            sums = self._ce_only_sums(batch)
+        else:
+            sums = self._logit_sums(batch) if self.mode == "logit" else self._hidden_sums(batch)
         token_loss = (
             w.alpha_kd * sums["kd_sum"] / norms["kd"]
             + w.alpha_ce * sums["ce_sum"] / norms["ce"]
@@ -146,6 +169,19 @@ class SARKDModel(nn.Module):
         out.update({k: v.detach() for k, v in sums.items()})
         return out
 
+    def _ce_only_sums(self, batch):
+        """A CE-only baseline (``alpha_kd`` and the teacher CE weight 0): the teacher is not run."""
+        key = "input_ids" if self.mode == "logit" else "student_ids"
+        ids, mask = batch[key], batch.get("attention_mask" if self.mode == "logit" else "student_mask")
+        labels = losses.shift_labels(ids, mask)
+        s_out = self._student_body(ids, mask)
+        ce = losses.chunked_ce(s_out.last_hidden_state, self.student_head, labels, self.weights.kd_chunk_size)
+        zero = torch.zeros((), device=ids.device)
+        sums = {"kd_sum": zero, "ce_sum": ce, "teacher_ce_sum": zero, "records": [], "router_mask": None}
+        if self.mode == "hidden":
+            sums.update(aligned_tokens=zero, student_tokens=mask.sum())
+        return sums
+
     def _logit_sums(self, batch):
         w = self.weights
         ids, mask = batch["input_ids"], batch.get("attention_mask")
@@ -155,13 +191,12 @@ class SARKDModel(nn.Module):
         kd, ce, t_ce = losses.chunked_lm_losses(
             s_out.last_hidden_state,
             t_out.last_hidden_state,
-            self.student.get_output_embeddings(),
-            self.teacher.get_output_embeddings(),
+            self.student_head,
+            self.teacher_head,
             labels,
             temperature=w.temperature,
             chunk_size=w.kd_chunk_size,
-            vocab_size=self.vocab_size,
-            teacher_ce_grad=w.router_teacher_ce_weight > 0,
+            teacher_ce_grad=w.router_teacher_ce_weight > 0 and w.train_router,
         )
         return {
             "kd_sum": kd,
@@ -186,12 +221,10 @@ class SARKDModel(nn.Module):
             for (t, s), proj in zip(self.layer_pairs, self.projection)
         ) / len(self.layer_pairs)
         s_labels = losses.shift_labels(s_ids, s_mask)
-        ce = losses.chunked_ce(s_out.last_hidden_state, self.student.get_output_embeddings(), s_labels, w.kd_chunk_size)
+        ce = losses.chunked_ce(s_out.last_hidden_state, self.student_head, s_labels, w.kd_chunk_size)
         if w.router_teacher_ce_weight > 0:
             t_labels = losses.shift_labels(t_ids, t_mask)
-            t_ce = losses.chunked_ce(
-                t_out.last_hidden_state, self.teacher.get_output_embeddings(), t_labels, w.kd_chunk_size
-            )
+            t_ce = losses.chunked_ce(t_out.last_hidden_state, self.teacher_head, t_labels, w.kd_chunk_size)
         else:  # the teacher's 151,936-wide head is not run for nothing
             t_ce = torch.zeros((), device=s_ids.device)
         return {
@@ -218,13 +251,10 @@ class SARKDModel(nn.Module):
         s_labels, t_labels = losses.shift_labels(s_ids, s_mask), losses.shift_labels(t_ids, t_mask)
         t_out, records = self._teacher_body(t_ids, t_mask)
         s_out = self._student_body(s_ids, s_mask)
-        t_head = self.teacher.get_output_embeddings()
         return {
-            "student_nll": losses.chunked_ce(
-                s_out.last_hidden_state, self.student.get_output_embeddings(), s_labels, chunk
-            ),
+            "student_nll": losses.chunked_ce(s_out.last_hidden_state, self.student_head, s_labels, chunk),
             "student_tokens": (s_labels != losses.IGNORE_INDEX).sum(),
-            "teacher_nll": losses.chunked_ce(t_out.last_hidden_state, t_head, t_labels, chunk),
+            "teacher_nll": losses.chunked_ce(t_out.last_hidden_state, self.teacher_head, t_labels, chunk),
             "teacher_tokens": (t_labels != losses.IGNORE_INDEX).sum(),
             "records": records,
             "token_mask": t_mask.reshape(-1).bool() if t_mask is not None else None,

@@ -7,20 +7,21 @@ fused ``experts.gate_up_proj`` of transformers 5.x.
 
 With top-1 routing and renormalised weights (``norm_topk_prob=True``, the default teacher) the kept
 routing weight is exactly 1.0, so the model's own forward gives the router no gradient at all.
-:class:`RouterController` fixes that during training with a forward hook on each router:
+:class:`RouterController` fixes that during training with a forward hook on each router, in one of
+the modes of :mod:`sar_kd.router_grad` (which also gives the formulas for softmax and sigmoid
+routers, renormalised or not, with a scaling factor):
 
 * ``straight_through`` (default): every expert is evaluated, the forward weights are the native
-  ones (``w = w_native + p − stop_grad(p)``, so the output is bit-identical to the native model) and
-  the backward pass sees ``∂out/∂p_i = expert_i(x)`` for *every* expert i: the first-order effect of
-  moving routing mass toward each expert. Costs all experts' compute while training.
-* ``straight_through_topk``: only the chosen experts run; their weight is multiplied by
-  ``exp(log p − stop_grad(log p))`` (== 1.0 forward), so the backward sees
-  ``∂w/∂logits = w · ∂log p``. Cheap, but it only tells whether the chosen expert's output should be
-  scaled up or down, not whether another expert would do better: measured on the demo teacher,
-  training the routers on the teacher's *own* CE with it raised the teacher's perplexity from 33.5
-  to 61.4, where ``straight_through`` lowered it to 33.4 (docs/router_gradient.md).
-* ``dense``: every expert runs and is weighted by the full softmax of the router logits (a
-  different forward while training).
+  ones (bit-identical output) and the backward pass sees the dense relaxation's gradient for
+  *every* expert: the first-order effect of moving routing mass toward each expert. Costs all
+  experts' compute while training.
+* ``straight_through_topk``: only the chosen experts run; the backward sees ``∂w_i = w_i · ∂log p_i``.
+  Cheap, but it only tells whether the chosen expert's output should be scaled up or down, not
+  whether another expert would do better: measured on the demo teacher, training the routers on
+  the teacher's *own* CE with it raised the teacher's perplexity from 33.5 to 61.4, where
+  ``straight_through`` lowered it to 33.4 (docs/router_gradient.md).
+* ``dense``: every expert runs, weighted by the native routing function with every expert chosen
+  (a different forward while training).
 * ``native``: the model as it is.
 """
 
@@ -34,6 +35,14 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .router_grad import (
+    RoutingSpec,
+    dense_weights,
+    infer_routing_spec,
+    routing_distribution,
+    straight_through_weights,
+    topk_straight_through_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +66,17 @@ class RouterInfo:
         return type(self.module).__name__
 
 
+def _cfg(config, key: str):
+    """``config.key`` or None (also for per-layer attributes that refuse a global read)."""
+    try:
+        return getattr(config, key, None)
+    except Exception:
+        return None
+
+
 def num_experts_of(config) -> int | None:
     """The number of routed experts a config declares (None for a dense model)."""
-    return next((getattr(config, k) for k in _NUM_EXPERT_KEYS if getattr(config, k, None)), None)
+    return next((_cfg(config, k) for k in _NUM_EXPERT_KEYS if _cfg(config, k)), None)
 
 
 def moe_dims(config) -> tuple[int, int, int]:
@@ -70,7 +87,8 @@ def moe_dims(config) -> tuple[int, int, int]:
             f"teacher {getattr(config, 'model_type', '?')!r} has no mixture-of-experts layers "
             f"(none of {', '.join(_NUM_EXPERT_KEYS)} in its config): SAR-KD needs an MoE teacher"
         )
-    top_k = int(getattr(config, "num_experts_per_tok", None) or getattr(config, "moe_topk", 1) or 1)
+    top_k = _cfg(config, "num_experts_per_tok") or _cfg(config, "moe_topk") or 1
+    top_k = int(top_k) if isinstance(top_k, int) else 1  # per-layer lists: each router's own top_k is used
     return num_experts, int(config.hidden_size), top_k
 
 
@@ -86,45 +104,105 @@ def _holds_experts(module: nn.Module, num_experts: int, exclude: nn.Module) -> b
     return False
 
 
+def _router_only(module: nn.Module, weight: nn.Parameter) -> bool:
+    """True when ``module`` owns nothing but the router weight and small tensors (at most one value per
+    expert: a bias, a scale, a selection statistic)."""
+    return all(p is weight or p.numel() <= weight.shape[0] for p in module.parameters())
+
+
+# How far above the module owning the router weight the experts may live (router wrappers, gating sub-blocks).
+_MAX_ROUTER_DEPTH = 3
+
+
+def _structural_router(model: nn.Module, name: str, weight: nn.Parameter, num_experts: int) -> str | None:
+    """The router module for a (num_experts, hidden) weight owned by module ``name``, or None.
+
+    Walk up from the owner: every module on the way must own nothing but this weight and small
+    tensors (so an expert's or a shared expert's ``gate_proj`` never qualifies: its MLP also holds
+    ``up_proj``/``down_proj``), until an ancestor holds the experts in another branch. The router is
+    the highest router-only module below that ancestor (the one whose output the MoE block reads).
+    """
+    parts = name.split(".") if name else []
+    router = name
+    for depth in range(1, _MAX_ROUTER_DEPTH + 1):
+        if len(parts) < depth:
+            return None
+        below = model.get_submodule(".".join(parts[: len(parts) - depth + 1]))
+        above = model.get_submodule(".".join(parts[: len(parts) - depth]))
+        if not _router_only(below, weight):
+            return None
+        router = ".".join(parts[: len(parts) - depth + 1])
+        if _holds_experts(above, num_experts, below):
+            return router
+    return None
+
+
 def find_routers(model: nn.Module, patterns: list[str] | None = None) -> list[RouterInfo]:
     """Discover the router modules of an MoE causal LM.
 
-    Without ``patterns``: every module owning a 2-D ``weight`` of shape (num_experts, hidden) whose
-    parent also holds the experts. With ``patterns`` (regexes searched in module names): every
-    matching module, validated by the same weight shape; matches of the wrong shape are rejected
-    and logged. Raises :class:`ConfigError` when nothing is found.
+    Without ``patterns``: for every 2-D ``weight`` of shape (num_experts, hidden), the module that
+    owns it (or the router-only wrapper around it, up to three levels) when an ancestor holds the
+    experts beside it (see :func:`_structural_router`). With ``patterns`` (regexes searched in
+    module names): every matching module that owns such a weight, directly or through a router-only
+    child; matches of the wrong shape are rejected and logged. Raises :class:`ConfigError` when
+    nothing is found.
     """
     num_experts, hidden, top_k = moe_dims(model.config)
     compiled = [re.compile(p) for p in patterns] if patterns else None
-    parents = {name: mod for name, mod in model.named_modules()}
-    found: list[RouterInfo] = []
+    modules = dict(model.named_modules())
+    found: dict[str, RouterInfo] = {}
     rejected: list[str] = []
+
+    def add(rname: str, owner: str) -> None:
+        """Router ``rname`` whose weight lives in module ``owner`` (itself or a descendant)."""
+        if rname in found:
+            return
+        module = modules[rname]
+        # trained: the owner's weight and bias, and direct tensors of the modules on the way (a scale);
+        # not a selection statistic in a side module (e.g. Ernie's moe_statics), which gets no gradient
+        path = [owner] + [n for n in modules if owner.startswith(n + ".") and (n == rname or n.startswith(rname + "."))]
+        pnames = [f"{n}.{pn}" for n in path for pn, p in modules[n]._parameters.items() if p is not None]
+        k = getattr(module, "top_k", None) or top_k
+        found[rname] = RouterInfo(rname, module, num_experts, int(k), sorted(set(pnames), key=pnames.index))
+
     for name, module in model.named_modules():
-        if compiled is not None and not any(p.search(name) for p in compiled):
-            continue
         weight = module._parameters.get("weight")
         shape_ok = weight is not None and weight.ndim == 2 and tuple(weight.shape) == (num_experts, hidden)
         if compiled is None:
-            parent = parents.get(name.rpartition(".")[0])
-            if not (shape_ok and parent is not None and _holds_experts(parent, num_experts, module)):
-                continue
-        elif not shape_ok:
-            shapes = [tuple(p.shape) for p in module.parameters(recurse=False)]
-            if shapes:
-                rejected.append(f"{name} (params {shapes}, need weight ({num_experts}, {hidden}))")
+            if shape_ok:
+                rname = _structural_router(model, name, weight, num_experts)
+                if rname is not None:
+                    add(rname, name)
             continue
-        pnames = [f"{name}.{pn}" for pn, p in module._parameters.items() if p is not None]
-        found.append(RouterInfo(name, module, num_experts, int(getattr(module, "top_k", top_k)), pnames))
+        if not any(p.search(name) for p in compiled):
+            continue
+        if shape_ok:
+            add(name, name)
+            continue
+        inner = [
+            f"{name}.{cn}" if name else cn
+            for cn, child in module.named_children()
+            if getattr(child, "weight", None) is not None
+            and tuple(child.weight.shape) == (num_experts, hidden)
+            and _router_only(module, child.weight)
+        ]
+        if inner:
+            add(name, inner[0])
+        elif any(True for _ in module.parameters(recurse=False)):
+            shapes = [tuple(p.shape) for p in module.parameters(recurse=False)]
+            rejected.append(f"{name} (params {shapes}, need weight ({num_experts}, {hidden}))")
     for r in rejected:
         logger.info("router pattern match rejected by shape: %s", r)
-    if not found:
+    # a wrapper added after its inner module (module order): keep the outermost
+    routers = [r for r in found.values() if not any(r.name.startswith(o + ".") for o in found if o != r.name)]
+    if not routers:
         how = f"--router_patterns {patterns}" if patterns else "structural search"
         raise ConfigError(
             f"no MoE routers found in {type(model).__name__} by {how} "
             f"(looked for a weight of shape ({num_experts}, {hidden}) beside the experts); "
             "pass --router_patterns with regexes naming the router modules"
         )
-    return found
+    return routers
 
 
 def router_table(routers: list[RouterInfo]) -> str:
@@ -170,6 +248,11 @@ class RouterRecord:
 
     logits: torch.Tensor  # (tokens, num_experts)
     indices: torch.Tensor  # (tokens, top_k) chosen experts
+    spec: RoutingSpec = RoutingSpec()
+
+    def distribution(self) -> torch.Tensor:
+        """(tokens, num_experts) routing distribution (sums to 1 per token), fp32, with gradient."""
+        return routing_distribution(self.logits, self.spec)
 
 
 class RouterController:
@@ -178,6 +261,12 @@ class RouterController:
     ``active`` switches the gradient mode on (training) or off (evaluation: native forward).
     ``recording`` collects :class:`RouterRecord` of the current forward; it is off during the
     recomputation of checkpointed layers in the backward pass so nothing is collected twice.
+
+    Every mode except ``native`` needs the transformers 5.x router layout ``(logits (T, E),
+    weights (T, k), indices (T, k))`` and a routing function it can reproduce (softmax or sigmoid,
+    renormalised or not, times a constant: :func:`infer_routing_spec`); each router is probed once
+    here and refused with a :class:`ConfigError` otherwise. In ``native`` mode a router whose
+    layout is not understood is still recorded when it returns plain logits.
     """
 
     def __init__(self, routers: list[RouterInfo], mode: str = "straight_through") -> None:
@@ -186,25 +275,20 @@ class RouterController:
         self.active = False
         self.recording = False
         self.records: list[RouterRecord] = []
+        self.specs: dict[int, RoutingSpec | None] = {}
+        for r in routers:
+            weight = next(p for p in r.module.parameters())
+            spec, why = infer_routing_spec(r.module, r.num_experts, weight.shape[-1])
+            if spec is None and mode != "native":
+                raise ConfigError(
+                    f"router {r.name} ({r.kind}): {why}; --router_grad {mode} cannot give it a gradient "
+                    "(use --router_grad native)"
+                )
+            self.specs[id(r.module)] = spec
+        kinds = sorted({s.describe() for s in self.specs.values() if s is not None})
+        if kinds:
+            logger.info("routing function: %s", "; ".join(kinds))
         self._handles = [r.module.register_forward_hook(self._hook) for r in routers]
-        if mode != "native":
-            self._check_layout()
-
-    def _check_layout(self) -> None:
-        r = self.routers[0]
-        weight = r.module.weight
-        x = torch.zeros(2, weight.shape[1], dtype=weight.dtype, device=weight.device)
-        was_recording, self.recording = self.recording, False
-        try:
-            with torch.no_grad():
-                out = r.module(x)
-        finally:
-            self.recording = was_recording
-        if not (isinstance(out, tuple) and len(out) >= 3):
-            raise ConfigError(
-                f"router {r.name} ({r.kind}) returns {type(out).__name__}, not (logits, weights, indices); "
-                f"--router_grad {self.mode} needs the transformers 5.x router layout: use --router_grad native"
-            )
 
     def remove(self) -> None:
         for h in self._handles:
@@ -212,31 +296,31 @@ class RouterController:
         self._handles = []
 
     def _hook(self, module: nn.Module, args, output):
+        spec = self.specs.get(id(module))
         if isinstance(output, torch.Tensor):
-            logits, indices = output, None
-        else:
+            logits, scores, indices = output, None, None
+        elif spec is not None:
             logits, scores, indices = output[0], output[1], output[2]
+        else:  # a layout we do not understand: nothing to record or change
+            return None
         if self.recording:
             if indices is None:
                 indices = logits.detach().topk(getattr(module, "top_k", 1), dim=-1).indices
             self.records.append(
-                RouterRecord(logits.reshape(-1, logits.shape[-1]), indices.reshape(-1, indices.shape[-1]))
+                RouterRecord(
+                    logits.reshape(-1, logits.shape[-1]), indices.reshape(-1, indices.shape[-1]), spec or RoutingSpec()
+                )
             )
-        if not self.active or self.mode == "native" or indices is None:
+        if not self.active or self.mode == "native" or scores is None:
             return None
         if self.mode == "straight_through_topk":
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, indices)
-            factor = torch.exp(logp - logp.detach())  # == 1.0 exactly in the forward pass
-            return (logits, (scores * factor).to(scores.dtype), indices, *output[3:])
-        probs = torch.softmax(logits.float(), dim=-1)
-        all_idx = torch.arange(probs.shape[-1], device=probs.device).expand_as(probs)
-        if self.mode == "dense":  # all experts, weighted by the full routing distribution
-            return (logits, probs.to(scores.dtype), all_idx, *output[3:])
-        # straight_through: every expert runs, but the forward weights are the native ones (exactly
-        # zero for unchosen experts, since p - stop_grad(p) == 0); the backward sees
-        # d out / d p_i = expert_i(x) for every expert i.
-        native = torch.zeros_like(probs).scatter(-1, indices, scores.float())
-        weights = native + (probs - probs.detach())
+            weights = topk_straight_through_weights(logits, scores, indices, spec)
+            return (logits, weights.to(scores.dtype), indices, *output[3:])
+        all_idx = torch.arange(logits.shape[-1], device=logits.device).expand(logits.shape[0], -1)
+        if self.mode == "dense":  # every expert, weighted by the native function with k = E
+            weights = dense_weights(logits, spec)
+        else:  # straight_through: native forward, the dense relaxation's backward for every expert
+            weights = straight_through_weights(logits, scores, indices, spec)
         return (logits, weights.to(scores.dtype), all_idx, *output[3:])
 
     def pop_records(self) -> list[RouterRecord]:

@@ -6,8 +6,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,10 +13,12 @@ from typing import Any
 
 import torch
 
-from . import __version__, data, losses, routers
+from . import checkpointing, data, losses, routers
 from .config import ConfigError, TrainConfig, parse_layer_pairs
+from .heads import OutputHead, check_head
 from .loading import (
     DTYPES,
+    check_student,
     enable_checkpointing,
     load_config,
     load_model,
@@ -30,44 +30,7 @@ from .objective import ObjectiveWeights, SARKDModel, make_projection
 
 logger = logging.getLogger("sar_kd")
 
-RUN_CONFIG = "sar_kd_config.json"
-TRAINER_STATE = "trainer_state.json"
 MAX_CONSECUTIVE_SKIPS = 25
-
-
-def versions() -> dict[str, str]:
-    import accelerate
-    import transformers
-
-    return {
-        "sar_kd": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "accelerate": accelerate.__version__,
-        "python": sys.version.split()[0],
-    }
-
-
-def _check_output_dir(cfg: TrainConfig) -> None:
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output_dir {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
-        prev = out / RUN_CONFIG
-        if prev.is_file():
-            try:
-                old = json.loads(prev.read_text())["config"]
-            except (OSError, ValueError, KeyError):
-                old = None
-            same = old is not None and all(
-                old.get(k) == v for k, v in cfg.to_dict().items() if k not in ("overwrite_output_dir",)
-            )
-            if same:
-                return
-        raise ConfigError(
-            f"--output_dir {out} already holds a different run: pass --overwrite_output_dir, "
-            "--resume_from_checkpoint latest, or another --output_dir"
-        )
 
 
 class Trainer:
@@ -78,7 +41,7 @@ class Trainer:
         (the tokenizers are still loaded from those paths)."""
         self.cfg = cfg
         self._given_models = (teacher, student)
-        self.metrics_path = Path(cfg.output_dir) / "metrics.jsonl"
+        self.metrics_path = Path(cfg.output_dir) / checkpointing.METRICS
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -87,14 +50,18 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        _check_output_dir(cfg)
+        checkpointing.check_output_dir(cfg)
         self._setup_accelerator()
+        # checked before any model is loaded: a checkpoint of another configuration is refused at once
+        resume_from = (
+            checkpointing.resume_point(cfg, self.accelerator.num_processes) if cfg.resume_from_checkpoint else None
+        )
         self._setup_tokenizers_and_mode()
         self._setup_models()
         self._setup_data()
         self._setup_optimizer()
-        if cfg.resume_from_checkpoint:
-            self._resume(cfg.resume_from_checkpoint)
+        if resume_from is not None:
+            self._resume(resume_from)
 
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
@@ -160,6 +127,7 @@ class Trainer:
             student.config if student is not None else load_config(cfg.student_model, "student", cfg.trust_remote_code)
         )
         routers.moe_dims(t_conf)  # fail fast on a dense teacher, before loading weights
+        check_student(s_conf, cfg.student_model, cfg.teacher_model)  # dense, and not the teacher
         for role, conf in (("teacher", t_conf), ("student", s_conf)):
             limit = max_positions(conf)
             if limit is not None and cfg.block_size > limit:
@@ -171,9 +139,18 @@ class Trainer:
             teacher = load_model(cfg.teacher_model, "teacher", compute_dtype, cfg.trust_remote_code)
         if student is None:
             student = load_model(cfg.student_model, "student", torch.float32, cfg.trust_remote_code)
+        # the models' own output functions (logit scaling, soft-capping), over the tokenizers' real ids,
+        # checked against model(...).logits before any hook or fp32 master weight changes the teacher
+        s_head = OutputHead(student, len(self.student_tok))
+        t_head = OutputHead(teacher, len(self.teacher_tok))
+        check_head(student, s_head, "student")
+        check_head(teacher, t_head, "teacher")
         found = routers.find_routers(teacher, cfg.router_patterns)
         self._log("teacher routers:\n" + routers.router_table(found))
         r_params = routers.freeze_all_but_routers(teacher, found)
+        if cfg.router_lr == 0:  # a frozen router: native, no-grad teacher forward, nothing to synchronise
+            for p in r_params.values():
+                p.requires_grad_(False)
         # (a frozen router, --router_lr 0, needs no gradient: no warning then)
         if cfg.router_grad == "native" and cfg.router_lr > 0 and routers.routing_gives_no_gradient(teacher.config):
             logger.warning(
@@ -181,20 +158,12 @@ class Trainer:
                 "so the routers receive NO gradient from the distillation loss (only from the regularisers). "
                 "Use --router_grad straight_through (default) or dense. !!!"
             )
-        controller = routers.RouterController(found, cfg.router_grad)
+        controller = routers.RouterController(found, cfg.router_grad if cfg.router_lr > 0 else "native")
         if cfg.gradient_checkpointing:
             enable_checkpointing(student)
             enable_checkpointing(teacher)
         student.train()
         set_frozen_teacher_mode(teacher)
-        vocab = None
-        if self.mode == "logit":
-            vs, vt = student.get_output_embeddings().out_features, teacher.get_output_embeddings().out_features
-            vocab = min(vs, vt)
-            if len(self.teacher_tok) > vocab:
-                raise ConfigError(
-                    f"tokenizer has {len(self.teacher_tok)} tokens but a model's output layer only {vocab} rows"
-                )
         weights = ObjectiveWeights(
             temperature=cfg.temperature,
             alpha_kd=cfg.alpha_kd,
@@ -204,7 +173,10 @@ class Trainer:
             router_load_balance_weight=cfg.router_load_balance_weight,
             router_teacher_ce_weight=cfg.router_teacher_ce_weight,
             kd_chunk_size=cfg.kd_chunk_size,
+            train_router=cfg.router_lr > 0,
         )
+        if not weights.needs_teacher:
+            self._log("--alpha_kd 0 and no teacher CE: a CE-only run, the teacher is not run while training")
         projection, pairs = None, None
         if self.mode == "hidden":
             pairs = parse_layer_pairs(cfg.hidden_layer_pairs)
@@ -219,7 +191,7 @@ class Trainer:
         self.routers = found
         self.controller = controller
         self.model = SARKDModel(
-            student, teacher, controller, r_params, weights, vocab_size=vocab, projection=projection, layer_pairs=pairs
+            student, teacher, controller, r_params, weights, s_head, t_head, projection=projection, layer_pairs=pairs
         )
         self.model.to(self.accelerator.device)
 
@@ -289,32 +261,7 @@ class Trainer:
         # step_scheduler_with_optimizer=False semantics: we step once per optimizer update ourselves.
         acc.step_scheduler_with_optimizer = False
         self.ddp_model, self.optimizer, self.scheduler = acc.prepare(self.model, optimizer, scheduler)
-        acc.register_save_state_pre_hook(self._save_trainable_only)
-        acc.register_load_state_pre_hook(self._load_trainable_only)
-
-    def _trainable_names(self) -> set[str]:
-        return {n for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def _save_trainable_only(self, models, weights, output_dir) -> None:
-        # The frozen teacher is the user's own download: checkpoints hold only what training changes.
-        keep = self._trainable_names()
-        for w in weights:
-            for k in [k for k in w if k not in keep]:
-                del w[k]
-
-    def _load_trainable_only(self, models, input_dir) -> None:
-        from safetensors.torch import load_file
-
-        state = load_file(str(Path(input_dir) / "model.safetensors"))
-        unexpected = set(state) - self._trainable_names()
-        missing = self._trainable_names() - set(state)
-        if unexpected or missing:
-            raise ConfigError(
-                f"checkpoint {input_dir} does not match this run's trainable parameters "
-                f"({len(missing)} missing, {len(unexpected)} unexpected): same models and flags are needed to resume"
-            )
-        self.model.load_state_dict(state, strict=False)
-        models.clear()
+        checkpointing.keep_trainable_only(acc, self.model)
 
     # ------------------------------------------------------------------ train
     def run(self) -> dict[str, Any]:
@@ -348,8 +295,7 @@ class Trainer:
         keys = ("kd_sum", "ce_sum", "teacher_ce_sum", "aligned_tokens", "student_tokens")
         sums = dict.fromkeys(keys, 0.0)
         reg = dict.fromkeys(("router_anchor", "router_entropy", "router_load_balance"), 0.0)
-        self.controller.active = True
-        for i, batch in enumerate(window):
+        for i, batch in enumerate(window):  # (the teacher forward switches the router gradient mode on)
             sync = i == len(window) - 1
             ctx = acc.no_sync(self.ddp_model) if not sync else contextlib.nullcontext()
             with ctx:
@@ -409,7 +355,7 @@ class Trainer:
             "loss": total,
             "kd_loss": kd,
             "ce_loss": ce,
-            "teacher_ce": tce if (self.mode == "logit" or w.router_teacher_ce_weight > 0) else None,
+            "teacher_ce": tce if w.needs_teacher and (self.mode == "logit" or w.router_teacher_ce_weight > 0) else None,
             **reg,
             "router_grad_norm": r_norm,
             "student_grad_norm": s_norm,
@@ -472,10 +418,14 @@ class Trainer:
         cfg = self.cfg
         out = Path(cfg.output_dir)
         if self.is_main:
+            if not cfg.resume_from_checkpoint:
+                # a fresh run replaces the previous one (--overwrite_output_dir, or the same config
+                # again): none of its checkpoints may be resumed or outlive this run's
+                removed = checkpointing.clear_previous_run(out)
+                if removed:
+                    self._log(f"removed the previous run's {', '.join(sorted(p.name for p in removed))} from {out}")
             out.mkdir(parents=True, exist_ok=True)
             self._write_run_config(out)
-            if self.step == 0 and self.metrics_path.exists():
-                self.metrics_path.unlink()  # a fresh run into a reused directory starts a fresh log
         if cfg.report_to != "none":
             flat = {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in cfg.to_dict().items()}
             self.accelerator.init_trackers("sar_kd", config=flat)
@@ -539,9 +489,7 @@ class Trainer:
         return metrics
 
     def _write_run_config(self, out: Path) -> None:
-        (out / RUN_CONFIG).write_text(
-            json.dumps({"config": self.cfg.to_dict(), "mode": self.mode, "versions": versions()}, indent=2)
-        )
+        checkpointing.write_run_config(out, self.cfg, self.mode)
 
     def router_update(self) -> dict[str, torch.Tensor]:
         """The trained router parameters keyed by the teacher's state-dict names (fp32, CPU)."""
@@ -564,75 +512,31 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """OUTPUT/checkpoint-STEP with the outputs and the full training state, written atomically."""
-        acc = self.accelerator
-        final = Path(self.cfg.output_dir) / f"checkpoint-{self.step}"
-        tmp = final.with_name(final.name + ".tmp")
-        if self.is_main and tmp.exists():
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp / "state"))
-        if self.is_main:
-            self.save_outputs(tmp)
-            self._write_run_config(tmp)
-            state = {
-                "step": self.step,
-                "skipped_steps": self.skipped_steps,
-                "stream": {"epoch": self.stream.state.epoch, "position": self.stream.state.position},
-            }
-            (tmp / TRAINER_STATE).write_text(json.dumps(state))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune_checkpoints()
-        acc.wait_for_everyone()
-        return final
 
-    def _prune_checkpoints(self) -> None:
-        limit = self.cfg.save_total_limit
-        if limit is None:
-            return
-        for old in list_checkpoints(Path(self.cfg.output_dir))[:-limit]:
-            shutil.rmtree(old)
+        def write_files(where: Path) -> None:
+            self.save_outputs(where)
+            self._write_run_config(where)
 
-    def _resume(self, where: str) -> None:
-        path = resolve_checkpoint(self.cfg.output_dir, where)
-        self.accelerator.load_state(str(path / "state"))
-        state = json.loads((path / TRAINER_STATE).read_text())
+        state = {
+            "skipped_steps": self.skipped_steps,
+            "stream": {"epoch": self.stream.state.epoch, "position": self.stream.state.position},
+        }
+        return checkpointing.save_checkpoint(
+            self.accelerator, self.cfg.output_dir, self.step, state, write_files, self.cfg.save_total_limit
+        )
+
+    def _resume(self, path: Path) -> None:
+        state = checkpointing.load_checkpoint(self.accelerator, path)
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
         self.stream.state = data.StreamState(**state["stream"])
-        if self.is_main and self.metrics_path.exists():
-            # Drop metrics logged after the checkpoint so the resumed log reads as one run.
-            kept = [ln for ln in self.metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= self.step]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
-            self.history = [json.loads(ln) for ln in kept]
+        if self.is_main:
+            self.history = checkpointing.drop_later(Path(self.cfg.output_dir), self.step)
         self._log(f"resumed from {path} at step {self.step}")
 
     def _log(self, msg: str) -> None:
         if self.is_main:
             logger.info(msg)
-
-
-def list_checkpoints(out: Path) -> list[Path]:
-    """Complete checkpoints in ``out``, oldest first."""
-    found = []
-    for p in out.glob("checkpoint-*"):
-        suffix = p.name.split("-", 1)[1]
-        if p.is_dir() and suffix.isdigit() and (p / TRAINER_STATE).is_file():
-            found.append((int(suffix), p))
-    return [p for _, p in sorted(found)]
-
-
-def resolve_checkpoint(output_dir: str, where: str) -> Path:
-    if where == "latest":
-        cps = list_checkpoints(Path(output_dir))
-        if not cps:
-            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {output_dir}")
-        return cps[-1]
-    p = Path(where)
-    if not (p / TRAINER_STATE).is_file():
-        raise ConfigError(f"--resume_from_checkpoint {where}: not a SAR-KD checkpoint directory")
-    return p
 
 
 def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
