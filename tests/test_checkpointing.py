@@ -100,3 +100,28 @@ def test_another_world_size_is_refused(run_a, tiny_pair, tmp_path):
     assert resume_mismatches(cp, cfg, 2) == ["processes 1 -> 2"]
     cfg.per_device_batch_size, cfg.router_patterns = 1, ["gate"]
     assert resume_mismatches(cp, cfg, 1) == ["per_device_batch_size 2 -> 1", 'router_patterns null -> ["gate"]']
+
+
+def test_overwrite_leaves_a_folder_without_a_run_alone(tmp_path):
+    from sar_kd.checkpointing import clear_previous_run
+
+    folder = tmp_path / "mine"
+    (folder / "student").mkdir(parents=True)
+    (folder / "student" / "MY_NOTES.txt").write_text("keep me")
+    (folder / "metrics.jsonl").write_text("{}\n")
+    assert clear_previous_run(folder) == []
+    assert (folder / "student" / "MY_NOTES.txt").is_file() and (folder / "metrics.jsonl").is_file()
+
+
+def test_output_dir_holding_the_student_is_refused(tiny_pair, tmp_path):
+    import shutil
+
+    from conftest import base_args
+    from sar_kd.checkpointing import check_output_dir
+    from sar_kd.config import ConfigError, config_from_args
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_pair["student"], out / "student")
+    cfg = config_from_args(base_args(tiny_pair, out, student_model=str(out / "student"), overwrite_output_dir=True))
+    with pytest.raises(ConfigError, match="contains --student_model"):
+        check_output_dir(cfg)

@@ -63,4 +63,4 @@ def test_demo_dual_mode_reduced(tmp_path, capsys):
     report = json.loads((out / "demo_results.json").read_text())
     assert report["mode"] == "dual" and report["arms"]["sarkd"][0]["final_student_ppl"] > 1
     cfg = json.loads((out / "runs" / "sarkd-seed0" / "sar_kd_config.json").read_text())
-    assert cfg["mode"] == "hidden"
+    assert cfg["mode"] == "dual"

@@ -52,3 +52,13 @@ def test_two_processes_stay_in_sync_and_match_one_process(tiny_pair, tmp_path):
         assert abs(d["loss"] - s["loss"]) < 1e-4, (d, s)
     evals = [x for x in rows_d if "student_ppl" in x]
     assert len(evals) == 2 and len(rows_d) == 5  # rank 0 alone logs: 3 steps + 2 evaluations
+
+
+def test_ce_only_baseline_runs_data_parallel(tiny_pair, tmp_path):
+    """A CE-only run (the teacher never runs while training) keeps its routers out of DDP's reduction."""
+    out = tmp_path / "ce"
+    r = _launch(2, base_args(tiny_pair, out, per_device_batch_size=2, grad_accum_steps=1, train_steps=2,
+                             eval_steps=0, save_steps=0, alpha_kd=0, cpu=True))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(x["router_grad_norm"] == 0.0 and x["kd_loss"] == 0.0 for x in rows)

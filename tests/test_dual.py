@@ -110,7 +110,7 @@ def test_router_gradient_flows_through_hidden_state_loss(dual_pair, tmp_path):
                                      router_anchor_weight=0, router_entropy_weight=0, router_load_balance_weight=0))  # fmt: skip
     t = Trainer(cfg)
     t.setup()
-    assert t.mode == "hidden"
+    assert t.mode == "dual"
     head_calls = []
     t.model.teacher.get_output_embeddings().register_forward_hook(lambda *a: head_calls.append(1))
     m = t.train_step()
@@ -166,3 +166,40 @@ def test_dual_log_line_without_teacher_logits(dual_pair, tmp_path, caplog):
     assert lines and "teacher_ce" not in lines[0]
     rows = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in rows if "loss" in r][0]["teacher_ce"] is None  # not computed: no teacher LM head
+
+
+def test_router_gradient_flows_through_cross_tokenizer_logit_loss(dual_pair, tmp_path):
+    """--dual_loss logit alone (no CE, no regularisers) gives the routers a gradient."""
+    cfg = config_from_args(base_args(dual_pair, tmp_path / "o", block_size=64, alpha_ce=0.0, alpha_kd=1.0,
+                                     dual_loss="logit", router_anchor_weight=0, router_entropy_weight=0,
+                                     router_load_balance_weight=0))  # fmt: skip
+    t = Trainer(cfg)
+    t.setup()
+    try:
+        assert t.model.projection is None and t.model.vocab_map is not None
+        m = t.train_step()
+    finally:
+        t.controller.remove()
+    assert m["router_grad_norm"] > 1e-6 and m["student_grad_norm"] > 0
+    assert m["kd_loss"] > 0 and m["xtok_kl"] > 0
+    assert 0.85 < m["xtok_one_to_one"] <= 1.0 and 0 < m["xtok_mass"] <= 1.0
+    assert "hidden_mse" not in m
+
+
+@pytest.mark.parametrize("dual_loss", ["logit", pytest.param("both", marks=pytest.mark.slow)])
+def test_dual_logit_cli_end_to_end(dual_pair, tmp_path, dual_loss):
+    out = tmp_path / dual_loss
+    args = base_args(dual_pair, out, block_size=64, dual_loss=dual_loss, alpha_hidden=0.5, train_steps=2,
+                     grad_accum_steps=1, eval_max_batches=1)  # fmt: skip
+    assert main(["train", *args]) == 0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 2 and all(r["xtok_kl"] >= 0 and r["kd_loss"] > 0 for r in steps)
+    assert all(("hidden_mse" in r) == (dual_loss == "both") for r in steps)
+    assert AutoModelForCausalLM.from_pretrained(out / "student").config.vocab_size == 49152
+    assert (out / "projection.pt").is_file() == (dual_loss == "both")
+    assert set(torch.load(out / "router_update.pt", weights_only=True)) == {
+        f"model.layers.{i}.mlp.gate.weight" for i in range(2)
+    }
+    cfg = json.loads((out / "sar_kd_config.json").read_text())
+    assert cfg["config"]["dual_loss"] == dual_loss and cfg["mode"] == "dual"

@@ -485,3 +485,20 @@ def test_discovery_on_every_transformers_moe_family(fam):
         for n in r.param_names:
             assert not re.search(r"(^|\.)experts\.\d+\.|shared_expert", n), n
             assert not n.endswith(("gate_proj.weight", "up_proj.weight", "down_proj.weight", "gate_up_proj")), n
+
+
+def test_router_whose_forward_needs_more_inputs_is_refused_not_crashed():
+    model = build("mixtral")
+    router = find_routers(model)[0]
+    real_forward = router.module.forward
+    router.module.forward = lambda x, expert_bias: real_forward(x)  # a selection bias passed in by the block
+    with pytest.raises(ConfigError, match="needs more than the hidden states"):
+        RouterController([router], "straight_through")
+    RouterController([router], "native").remove()
+
+
+def test_bf16_router_weights_give_an_exact_scale():
+    model = build("deepseek_v3").to(torch.bfloat16)
+    ctl = RouterController(find_routers(model), "native")
+    ctl.remove()
+    assert set(ctl.specs.values()) == {RoutingSpec("sigmoid", True, 2.5)}

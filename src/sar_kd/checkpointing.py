@@ -68,10 +68,11 @@ def versions() -> dict[str, str]:
 
 
 def write_run_config(where: Path, cfg: TrainConfig, mode: str) -> None:
-    """``where/sar_kd_config.json``: the resolved config, the distillation mode and the versions."""
-    (where / RUN_CONFIG).write_text(
-        json.dumps({"config": cfg.to_dict(), "mode": mode, "versions": versions()}, indent=2)
-    )
+    """``where/sar_kd_config.json``: the resolved config, the distillation mode, the versions, and the
+    absolute form of each local path (so a resume from another working directory is recognised)."""
+    paths = {k: str(Path(v).expanduser().resolve()) for k in _PATH_KEYS if (v := getattr(cfg, k)) and Path(v).exists()}
+    record = {"config": cfg.to_dict(), "mode": mode, "resolved_paths": paths, "versions": versions()}
+    (where / RUN_CONFIG).write_text(json.dumps(record, indent=2))
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
@@ -79,7 +80,10 @@ def check_output_dir(cfg: TrainConfig) -> None:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output_dir {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir and not cfg.resume_from_checkpoint:
+    resuming_here = cfg.resume_from_checkpoint and (
+        cfg.resume_from_checkpoint == "latest" or _inside(Path(cfg.resume_from_checkpoint), out)
+    )
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite_output_dir and not resuming_here:
         prev = out / RUN_CONFIG
         if prev.is_file():
             try:
@@ -89,12 +93,31 @@ def check_output_dir(cfg: TrainConfig) -> None:
             same = old is not None and all(
                 old.get(k) == v for k, v in cfg.to_dict().items() if k not in ("overwrite_output_dir",)
             )
-            if same:
-                return
+            if same and not list_checkpoints(out) and not cfg.resume_from_checkpoint:
+                return  # the same run again, nothing to continue from: it starts afresh
+            if same and not cfg.resume_from_checkpoint:
+                raise ConfigError(
+                    f"--output_dir {out} holds checkpoints of this run: pass --resume_from_checkpoint latest "
+                    "to continue it or --overwrite_output_dir to start over"
+                )
         raise ConfigError(
             f"--output_dir {out} already holds a different run: pass --overwrite_output_dir, "
             "--resume_from_checkpoint latest, or another --output_dir"
         )
+    if cfg.overwrite_output_dir and out.is_dir():
+        for k in _PATH_KEYS:  # never clear a directory that holds the run's own models or data
+            v = getattr(cfg, k)
+            if v and Path(v).exists() and _inside(Path(v), out):
+                raise ConfigError(f"--output_dir {out} contains --{k} {v}: choose another --output_dir")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """True when ``path`` is ``folder`` or inside it (resolved)."""
+    try:
+        path.expanduser().resolve().relative_to(folder.expanduser().resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def clear_previous_run(out: Path) -> list[Path]:
@@ -103,7 +126,7 @@ def clear_previous_run(out: Path) -> list[Path]:
     Called on the main process when a fresh run starts writing, so no checkpoint of the old run can be
     resumed with ``latest`` and none outlives the new run's under ``--save_total_limit``. Files a run
     does not write are left alone. Returns what was removed."""
-    if not out.is_dir():
+    if not out.is_dir() or not (out / RUN_CONFIG).is_file():  # not a SAR-KD run's folder: leave it alone
         return []
     doomed = [p for p in out.glob("checkpoint-*") if _checkpoint_step(p) is not None]
     doomed += [out / name for name in RUN_OUTPUTS if (out / name).exists()]
@@ -142,13 +165,14 @@ def resolve_checkpoint(output_dir: str, where: str) -> Path:
     return p
 
 
-def _same(key: str, old: Any, new: Any) -> bool:
+def _same(key: str, old: Any, new: Any, old_resolved: str | None = None) -> bool:
     if old == new:
         return True
     # the same local file or directory, named differently (relative vs absolute, another cwd)
     if key in _PATH_KEYS and isinstance(old, str) and isinstance(new, str):
         try:
-            return Path(old).exists() and Path(new).exists() and os.path.samefile(old, new)
+            old_path = old_resolved or old
+            return Path(old_path).exists() and Path(new).exists() and os.path.samefile(old_path, new)
         except OSError:
             return False
     return False
@@ -157,14 +181,24 @@ def _same(key: str, old: Any, new: Any) -> bool:
 def resume_mismatches(path: Path, cfg: TrainConfig, num_processes: int) -> list[str]:
     """``key old -> new`` for each data- or model-affecting option that differs from the checkpoint's."""
     try:
-        old = json.loads((path / RUN_CONFIG).read_text())["config"]
+        record = json.loads((path / RUN_CONFIG).read_text())
+        old, resolved = record["config"], record.get("resolved_paths", {})
         state = json.loads((path / TRAINER_STATE).read_text())
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"--resume_from_checkpoint {path}: cannot read its saved config ({e})") from e
     new = cfg.to_dict()
     diffs = [
-        f"{k} {json.dumps(old.get(k))} -> {json.dumps(new[k])}" for k in RESUME_KEYS if not _same(k, old.get(k), new[k])
+        f"{k} {json.dumps(old.get(k))} -> {json.dumps(new[k])}"
+        for k in RESUME_KEYS
+        if not _same(k, old.get(k), new[k], resolved.get(k))
     ]
+    # which parameters train (and so are in the checkpoint) must not change either
+    for k, trains in (
+        ("router_lr", lambda c: c.get("router_lr", 0) > 0),
+        ("alpha_kd", lambda c: c.get("alpha_kd", 0) > 0),
+    ):
+        if trains(old) != trains(new):
+            diffs.append(f"{k} {json.dumps(old.get(k))} -> {json.dumps(new[k])} (changes what is trained)")
     saved_world = state.get("num_processes")  # absent in checkpoints of older versions
     if saved_world is not None and saved_world != num_processes:
         diffs.append(f"processes {saved_world} -> {num_processes}")

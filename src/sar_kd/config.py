@@ -21,6 +21,7 @@ DEFAULT_TEACHER = "huihui-ai/Huihui-MoE-1B-A0.6B"
 DEFAULT_STUDENT = "HuggingFaceTB/SmolLM-135M"
 
 ROUTER_GRAD_MODES = ("straight_through", "straight_through_topk", "dense", "native")
+DUAL_LOSSES = ("hidden", "logit", "both")
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
 SCHEDULER_TYPES = ("linear", "cosine")
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -95,6 +96,15 @@ class TrainConfig:
         "(indices into hidden_states, -1 = last).",
     )
 
+    dual_loss: str = _f(
+        "hidden",
+        "Dual-tokenizer mode's distillation term: hidden (MSE to a learned projection of the teacher's "
+        "hidden states, the spec's), logit (cross-tokenizer KD: bucketed KL on one-to-one token chunks, "
+        "likelihood match on the others) or both.",
+        choices=DUAL_LOSSES,
+    )
+    alpha_hidden: float | None = _f(None, "Weight of the hidden-state MSE when --dual_loss both (default: --alpha_kd).")
+
     # Routers
     router_grad: str = _f(
         "straight_through",
@@ -103,6 +113,31 @@ class TrainConfig:
         "(cheaper, chosen experts only; a biased gradient, see docs), dense (soft mixture of all experts "
         "while training), native (the model as is; top-1 renormalised routing then gives no gradient).",
         choices=ROUTER_GRAD_MODES,
+    )
+    router_objective: str = _f(
+        "joint",
+        "What the routers minimise: joint (the spec's: the distillation loss itself, which partly pulls "
+        "the teacher toward the student) or lookahead (make the student's distillation step lower its CE "
+        "on a quiz batch, to first order; see docs/router_objective.md).",
+        choices=("joint", "lookahead"),
+    )
+    lookahead_quiz: str = _f(
+        "next",
+        "lookahead: the quiz batch is the training stream's next batch (peeked) or a held-out slice of "
+        "the training blocks (--lookahead_holdout_percentage); never the validation split.",
+        choices=("next", "holdout"),
+    )
+    lookahead_holdout_percentage: float = _f(5.0, "lookahead with --lookahead_quiz holdout: % of training blocks.")
+    lookahead_weight: float = _f(1.0, "lookahead: weight of the router objective L_look (per student token).")
+    lookahead_jvp: str = _f(
+        "forward",
+        "lookahead: how the student's logit direction J·g_q is computed: forward (forward-mode AD, exact; "
+        "eager attention for that pass) or finite_difference (two extra student forwards).",
+        choices=("forward", "finite_difference"),
+    )
+    router_kl_weight: float = _f(
+        0.0,
+        "Trust region: KL(initial router's routing ‖ current routing) on the current hidden states (routers only).",
     )
     router_patterns: list[str] | None = _f(
         None, "Regexes on module names that narrow or override router discovery (validated by shape)."
@@ -332,6 +367,19 @@ def validate_config(cfg: TrainConfig) -> None:
         f"--validation_split_percentage must be in [0, 100) (got {cfg.validation_split_percentage})",
     )
     need(cfg.router_grad in ROUTER_GRAD_MODES, f"--router_grad must be one of {ROUTER_GRAD_MODES}")
+    need(cfg.dual_loss in DUAL_LOSSES, f"--dual_loss must be one of {DUAL_LOSSES}")
+    for name in ("lookahead_weight", "router_kl_weight"):
+        need(getattr(cfg, name) >= 0, f"--{name} must be >= 0 (got {getattr(cfg, name)})")
+    need(
+        0 < cfg.lookahead_holdout_percentage < 100,
+        f"--lookahead_holdout_percentage must be in (0, 100) (got {cfg.lookahead_holdout_percentage})",
+    )
+    need(
+        not (cfg.router_objective == "lookahead" and cfg.alpha_kd == 0),
+        "--router_objective lookahead needs --alpha_kd > 0 (it shapes the distillation step)",
+    )
+
+    need(cfg.alpha_hidden is None or cfg.alpha_hidden >= 0, f"--alpha_hidden must be >= 0 (got {cfg.alpha_hidden})")
     need(cfg.model_dtype in MODEL_DTYPES, f"--model_dtype must be one of {MODEL_DTYPES}")
     need(cfg.scheduler_type in SCHEDULER_TYPES, f"--scheduler_type must be one of {SCHEDULER_TYPES}")
     need(cfg.report_to in REPORT_TO, f"--report_to must be one of {REPORT_TO}")

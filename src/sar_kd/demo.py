@@ -37,6 +37,8 @@ class Arm:
     router_lr: float
     router_teacher_ce_weight: float = 0.0
     router_grad: str = "straight_through"
+    dual_loss: str = "hidden"  # two tokenizers only: hidden, logit or both
+    extra: tuple[tuple[str, object], ...] = ()  # further TrainConfig fields
 
 
 # The spec's objective and router learning rate (5e-4); the last arm adds the teacher's own CE.
@@ -48,7 +50,26 @@ ARMS = {
         "SAR-KD + teacher CE 1.0", alpha_kd=0.9, alpha_ce=0.1, router_lr=5e-4, router_teacher_ce_weight=1.0
     ),
 }
-DEFAULT_ARMS = ("ce_only", "kd_frozen", "sarkd", "sarkd_tce")
+# Dual-tokenizer arms: the cross-tokenizer logit loss alone and with the hidden-state MSE.
+ARMS.update(
+    {
+        "xkd_frozen": Arm("cross-tokenizer KD, router frozen", 0.9, 0.1, 0.0, dual_loss="logit"),
+        "both_frozen": Arm("xtok KD + hidden MSE, router frozen", 0.9, 0.1, 0.0, dual_loss="both"),
+        "xsarkd_tce": Arm(
+            "SAR-KD xtok + teacher CE 1.0", 0.9, 0.1, 5e-4, router_teacher_ce_weight=1.0, dual_loss="logit"
+        ),
+    }
+)
+# The lookahead router objective (same budget; trust region 0.1 on the routing KL, chosen a priori).
+_LOOK = (("router_objective", "lookahead"), ("router_kl_weight", 0.1))
+ARMS.update(
+    {
+        "lookahead": Arm("SAR-KD lookahead", 0.9, 0.1, 5e-4, extra=_LOOK),
+        "xlookahead": Arm("SAR-KD xtok lookahead", 0.9, 0.1, 5e-4, dual_loss="logit", extra=_LOOK),
+    }
+)
+DEFAULT_ARMS = ("ce_only", "kd_frozen", "sarkd", "sarkd_tce", "lookahead")
+DEFAULT_DUAL_ARMS = ("ce_only", "kd_frozen", "xkd_frozen", "both_frozen", "sarkd_tce", "xsarkd_tce", "xlookahead")
 
 # Sizes chosen so the full default demo finishes in a few minutes on 2 CPU cores.
 TEACHER = dict(hidden=96, layers=4, experts=4, vocab_teacher=768)
@@ -171,6 +192,7 @@ def run_arm(paths: dict[str, str], arm: Arm, seed: int, steps: int, out: Path, e
         alpha_kd=arm.alpha_kd,
         alpha_ce=arm.alpha_ce,
         router_teacher_ce_weight=arm.router_teacher_ce_weight,
+        dual_loss=arm.dual_loss,
         temperature=2.0,
         use_scheduler=True,
         warmup_steps=max(1, steps // 20),
@@ -184,6 +206,7 @@ def run_arm(paths: dict[str, str], arm: Arm, seed: int, steps: int, out: Path, e
         output_dir=str(out),
         overwrite_output_dir=True,
         kd_chunk_size=512,
+        **dict(arm.extra),
     )
     validate_config(cfg)
     trainer = Trainer(cfg)
@@ -267,6 +290,11 @@ STYLES = {
     "kd_frozen": dict(color="C1", ls="--", marker="s", lw=2.4),
     "sarkd": dict(color="C2", ls="-.", marker="^", lw=1.8),
     "sarkd_tce": dict(color="C3", ls=":", marker="D", lw=1.8),
+    "xkd_frozen": dict(color="C4", ls="--", marker="v", lw=2.0),
+    "both_frozen": dict(color="C5", ls="-.", marker="P", lw=1.8),
+    "xsarkd_tce": dict(color="C6", ls=":", marker="X", lw=1.6),
+    "lookahead": dict(color="C7", ls="-", marker="*", lw=1.6),
+    "xlookahead": dict(color="C8", ls="-", marker="*", lw=1.6),
 }
 
 
@@ -309,12 +337,16 @@ def demo_main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per distillation run")
     p.add_argument("--teacher_steps", type=int, default=600, help="teacher training steps (cached)")
-    p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
+    p.add_argument(
+        "--arms", nargs="+", default=None, choices=list(ARMS), help="default: the mode's arms (see sar_kd.demo)"
+    )
     p.add_argument("--output_dir", default="outputs/demo")
     p.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "sar_kd" / "demo"))
     a = p.parse_args(argv)
     if a.seeds < 1 or a.steps < 1 or a.teacher_steps < 1:
         raise ConfigError("--seeds, --steps and --teacher_steps must be >= 1")
+    if a.arms is None:
+        a.arms = list(DEFAULT_DUAL_ARMS if a.mode == "dual" else DEFAULT_ARMS)
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

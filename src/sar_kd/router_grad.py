@@ -115,21 +115,24 @@ def infer_routing_spec(module: nn.Module, num_experts: int, hidden: int) -> tupl
     ``(None, reason)`` when the output is not ``(logits (T, E), weights (T, k), indices (T, k))``
     or no spec reproduces it.
     """
-    weight = next(p for p in module.parameters())
+    import copy
+
+    # An fp32 copy: bf16/fp16 router weights would fit the scale to rounding noise.
+    probe = copy.deepcopy(module).float()
+    weight = next(p for p in probe.parameters())
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(16, hidden, generator=gen).to(device=weight.device, dtype=weight.dtype)
+    x = torch.randn(16, hidden, generator=gen).to(device=weight.device, dtype=torch.float32)
     runs = []
-    top_k = getattr(module, "top_k", None)
+    top_k = getattr(probe, "top_k", None)
     ks = [top_k, num_experts] if isinstance(top_k, int) and top_k < num_experts else [top_k]
     with torch.no_grad():
         for k in ks:
             if k is not None:
-                module.top_k = k
+                probe.top_k = k
             try:
-                out = module(x)
-            finally:
-                if top_k is not None:
-                    module.top_k = top_k
+                out = probe(x)
+            except Exception as e:  # e.g. a forward that also needs a selection bias passed in
+                return None, f"its forward needs more than the hidden states ({type(e).__name__})"
             problem = _layout_problem(out, num_experts, x.shape[0])
             if problem:
                 return None, problem
@@ -138,6 +141,10 @@ def infer_routing_spec(module: nn.Module, num_experts: int, hidden: int) -> tupl
         for renorm in (True, False):
             spec = _fit_scale(runs[-1], RoutingSpec(score, renorm))
             if spec is not None and all(_reproduces(out, spec) for out in runs):
+                if len(runs) == 1 and bool(torch.allclose(out[1], out[1].flatten()[0].expand_as(out[1]))):
+                    # constant weights (top-1 renormalised) and no top_k to widen the probe with:
+                    # softmax and sigmoid cannot be told apart
+                    return None, "its routing function cannot be identified (constant weights and no top_k attribute)"
                 return spec, ""
     return None, "its weights are not a softmax or sigmoid of its logits (renormalised or not, times a constant)"
 

@@ -249,6 +249,7 @@ class RouterRecord:
     logits: torch.Tensor  # (tokens, num_experts)
     indices: torch.Tensor  # (tokens, top_k) chosen experts
     spec: RoutingSpec = RoutingSpec()
+    inputs: torch.Tensor | None = None  # (tokens, hidden) the router's input, detached (record_inputs only)
 
     def distribution(self) -> torch.Tensor:
         """(tokens, num_experts) routing distribution (sums to 1 per token), fp32, with gradient."""
@@ -274,6 +275,7 @@ class RouterController:
         self.mode = mode
         self.active = False
         self.recording = False
+        self.record_inputs = False  # keep each router's input (the routing-KL trust region needs it)
         self.records: list[RouterRecord] = []
         self.specs: dict[int, RoutingSpec | None] = {}
         for r in routers:
@@ -306,9 +308,13 @@ class RouterController:
         if self.recording:
             if indices is None:
                 indices = logits.detach().topk(getattr(module, "top_k", 1), dim=-1).indices
+            x = args[0].detach().reshape(-1, args[0].shape[-1]) if self.record_inputs and args else None
             self.records.append(
                 RouterRecord(
-                    logits.reshape(-1, logits.shape[-1]), indices.reshape(-1, indices.shape[-1]), spec or RoutingSpec()
+                    logits.reshape(-1, logits.shape[-1]),
+                    indices.reshape(-1, indices.shape[-1]),
+                    spec or RoutingSpec(),
+                    x,
                 )
             )
         if not self.active or self.mode == "native" or scores is None:

@@ -104,12 +104,16 @@ class Trainer:
         from .tokenizers import compare_tokenizers
 
         same, why = compare_tokenizers(self.teacher_tok, self.student_tok)
-        self.mode = "logit" if same else "hidden"
+        self.mode = "logit" if same else "dual"
         self._log(
             f"tokenizers {'compatible' if same else 'differ'} ({why}): "
-            + ("logit distillation (KL on logits)" if same else "dual-tokenizer hidden-state distillation")
+            + (
+                "logit distillation (KL on logits)"
+                if same
+                else f"dual-tokenizer distillation (--dual_loss {cfg.dual_loss})"
+            )
         )
-        if self.mode == "hidden":
+        if self.mode == "dual":
             for role, tok in (("teacher", self.teacher_tok), ("student", self.student_tok)):
                 if not getattr(tok, "is_fast", False):
                     raise ConfigError(
@@ -148,7 +152,9 @@ class Trainer:
         found = routers.find_routers(teacher, cfg.router_patterns)
         self._log("teacher routers:\n" + routers.router_table(found))
         r_params = routers.freeze_all_but_routers(teacher, found)
-        if cfg.router_lr == 0:  # a frozen router: native, no-grad teacher forward, nothing to synchronise
+        # Routers train only with a learning rate and a teacher pass to learn from (a CE-only run has none).
+        train_router = cfg.router_lr > 0 and (cfg.alpha_kd > 0 or cfg.router_teacher_ce_weight > 0)
+        if not train_router:  # frozen: native, no-grad teacher forward, nothing for DDP to synchronise
             for p in r_params.values():
                 p.requires_grad_(False)
         # (a frozen router, --router_lr 0, needs no gradient: no warning then)
@@ -158,7 +164,7 @@ class Trainer:
                 "so the routers receive NO gradient from the distillation loss (only from the regularisers). "
                 "Use --router_grad straight_through (default) or dense. !!!"
             )
-        controller = routers.RouterController(found, cfg.router_grad if cfg.router_lr > 0 else "native")
+        controller = routers.RouterController(found, cfg.router_grad if train_router else "native")
         if cfg.gradient_checkpointing:
             enable_checkpointing(student)
             enable_checkpointing(teacher)
@@ -173,12 +179,28 @@ class Trainer:
             router_load_balance_weight=cfg.router_load_balance_weight,
             router_teacher_ce_weight=cfg.router_teacher_ce_weight,
             kd_chunk_size=cfg.kd_chunk_size,
-            train_router=cfg.router_lr > 0,
+            train_router=train_router,
+            dual_loss=cfg.dual_loss,
+            alpha_hidden=cfg.alpha_kd if cfg.alpha_hidden is None else cfg.alpha_hidden,
+            router_objective=cfg.router_objective,
+            lookahead_weight=cfg.lookahead_weight,
+            router_kl_weight=cfg.router_kl_weight,
+            lookahead_jvp=cfg.lookahead_jvp,
         )
+        if self.mode == "dual" and weights.router_objective == "lookahead" and cfg.dual_loss == "hidden":
+            raise ConfigError(
+                "--router_objective lookahead is built on the logit losses: with two tokenizers use "
+                "--dual_loss logit or both"
+            )
         if not weights.needs_teacher:
             self._log("--alpha_kd 0 and no teacher CE: a CE-only run, the teacher is not run while training")
-        projection, pairs = None, None
-        if self.mode == "hidden":
+        projection, pairs, vocab_map = None, None, None
+        if self.mode == "dual" and cfg.dual_loss in ("logit", "both"):
+            from .vocab_map import load_or_build_vocab_map
+
+            vocab_map = load_or_build_vocab_map(self.teacher_tok, self.student_tok)
+            self._log(f"cross-tokenizer vocabulary map: {vocab_map.num_buckets:,} shared buckets")
+        if self.mode == "dual" and cfg.dual_loss in ("hidden", "both"):
             pairs = parse_layer_pairs(cfg.hidden_layer_pairs)
             for t, st in pairs:
                 for role, idx, model in (("teacher", t, teacher), ("student", st, student)):
@@ -188,10 +210,22 @@ class Trainer:
                             f"--hidden_layer_pairs: {role} layer {idx} out of range (-1 or 0..{n} for this {role})"
                         )
             projection = make_projection(teacher.config.hidden_size, student.config.hidden_size, len(pairs))
+            if not weights.needs_teacher:  # CE only: the projection gets no gradient (DDP would wait for it)
+                projection.requires_grad_(False)
         self.routers = found
         self.controller = controller
         self.model = SARKDModel(
-            student, teacher, controller, r_params, weights, s_head, t_head, projection=projection, layer_pairs=pairs
+            student,
+            teacher,
+            controller,
+            r_params,
+            weights,
+            s_head,
+            t_head,
+            projection=projection,
+            layer_pairs=pairs,
+            vocab_map=vocab_map,
+            mode=self.mode,
         )
         self.model.to(self.accelerator.device)
 
@@ -218,13 +252,15 @@ class Trainer:
                 raise ConfigError(f"the validation data holds fewer than --block_size {cfg.block_size} tokens")
         else:
             train, val = data.split_validation(train, cfg.validation_split_percentage)
-        if self.mode == "hidden":
+        if self.mode == "dual":
             cov = data.alignment_coverage(train)
             util = float(train["student_mask"].float().mean()), float(train["teacher_mask"].float().mean())
             self._log(
                 f"dual-tokenizer blocks: alignment coverage {cov:.4f}, "
                 f"block fill {util[0]:.1%} (student) / {util[1]:.1%} (teacher)"
             )
+        if cfg.router_objective == "lookahead" and cfg.lookahead_quiz == "holdout":
+            train, self.quiz_blocks = data.split_validation(train, cfg.lookahead_holdout_percentage)
         self.train_blocks, self.val_blocks = train, val
         acc = self.accelerator
         self.stream = data.BatchStream(train, cfg.per_device_batch_size, cfg.seed, acc.process_index, acc.num_processes)
@@ -282,6 +318,36 @@ class Trainer:
         total = self.accelerator.reduce(local, reduction="sum")
         return dict(zip(("kd", "ce", "tce"), (max(float(v), 1.0) for v in total)))
 
+    def _quiz_batch(self) -> dict[str, torch.Tensor]:
+        """The lookahead quiz batch: the stream's next batch, peeked (the student has not trained on it
+        yet; the stream is not advanced), or a held-out training slice chosen by the step number."""
+        if self.cfg.lookahead_quiz == "next":
+            state = data.StreamState(self.stream.state.epoch, self.stream.state.position)
+            batch = next(self.stream)
+            self.stream.state = state
+        else:
+            n, bs = data.num_blocks(self.quiz_blocks), self.cfg.per_device_batch_size
+            rank, world = self.accelerator.process_index, self.accelerator.num_processes
+            start = ((self.step * world + rank) * bs) % n
+            idx = torch.arange(start, start + bs) % n
+            batch = {k: v[idx] for k, v in self.quiz_blocks.items()}
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+    def _quiz_direction(self) -> dict[str, torch.Tensor]:
+        """g_q = ∇θ of the student's mean CE on the quiz batch, by student parameter name (no ``.grad``)."""
+        from .lookahead import quiz_gradient
+
+        m, batch = self.model, self._quiz_batch()
+        key, mkey = ("input_ids", "attention_mask") if self.mode == "logit" else ("student_ids", "student_mask")
+        ids, mask = batch[key], batch.get(mkey)
+        labels = losses.shift_labels(ids, mask)
+        named = {n: p for n, p in m.student.named_parameters() if p.requires_grad}
+        with self.accelerator.autocast():
+            hidden = m.student.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            ce = losses.chunked_ce(hidden, m.student_head, labels, self.cfg.kd_chunk_size)
+        ce = ce / (labels != losses.IGNORE_INDEX).sum().clamp(min=1)
+        return dict(zip(named, quiz_gradient(ce, list(named.values()))))
+
     def train_step(self) -> dict[str, float]:
         """One optimizer update over ``grad_accum_steps`` micro-batches; returns its metrics."""
         cfg, acc = self.cfg, self.accelerator
@@ -292,9 +358,13 @@ class Trainer:
         # DDP averages gradients over processes, so each one divides by (global count / world).
         norms = {k: v / world for k, v in counts.items()}
         norms["router_scale"] = 1.0 / len(window)
-        keys = ("kd_sum", "ce_sum", "teacher_ce_sum", "aligned_tokens", "student_tokens")
+        keys = ("kd_sum", "ce_sum", "teacher_ce_sum", "aligned_tokens", "student_tokens", "hidden_mse_sum")
+        keys += tuple(f"xtok_{k}" for k in ("kl_sum", "chunk_sum", "n_pairs", "n_chunks", "mass_sum"))
+        keys += ("xtok_student_tokens", "xtok_student_tokens_in_pairs", "look_sum")
         sums = dict.fromkeys(keys, 0.0)
-        reg = dict.fromkeys(("router_anchor", "router_entropy", "router_load_balance"), 0.0)
+        reg = dict.fromkeys(("router_anchor", "router_entropy", "router_load_balance", "router_kl"), 0.0)
+        if self.model.weights.lookahead:
+            self.model.direction = self._quiz_direction()
         for i, batch in enumerate(window):  # (the teacher forward switches the router gradient mode on)
             sync = i == len(window) - 1
             ctx = acc.no_sync(self.ddp_model) if not sync else contextlib.nullcontext()
@@ -342,13 +412,14 @@ class Trainer:
         # Per-token means over the window (all processes), as the loss itself is normalised.
         local = torch.tensor([sums["kd_sum"], sums["ce_sum"], sums["teacher_ce_sum"]], device=acc.device)
         kd, ce, tce = (float(v) for v in acc.reduce(local, "sum") / torch.tensor(
-            [counts["kd"], counts["ce"], counts["tce"]], device=acc.device))  # fmt: skip
+            [counts[self.model.kd_count_key], counts["ce"], counts["tce"]], device=acc.device))  # fmt: skip
         w = self.model.weights
         total = w.alpha_kd * kd + w.alpha_ce * ce + w.router_teacher_ce_weight * tce
         total += (
             w.router_anchor_weight * reg["router_anchor"]
             - w.router_entropy_weight * reg["router_entropy"]
             + w.router_load_balance_weight * reg["router_load_balance"]
+            + w.router_kl_weight * reg["router_kl"]
         )
         metrics = {
             "step": self.step,
@@ -367,9 +438,11 @@ class Trainer:
             "update_time_s": update_dt,  # norms, clipping, optimizer and scheduler
             "skipped_steps": self.skipped_steps,
         }
-        if self.mode == "hidden":
-            metrics["hidden_mse"] = kd
-            metrics["align_coverage"] = sums["aligned_tokens"] / max(sums["student_tokens"], 1.0)
+        if w.lookahead:  # L_look per student token (this process): its fall is what the router learns
+            metrics["lookahead"] = sums["look_sum"] / counts[self.model.kd_count_key] * acc.num_processes
+            total += w.lookahead_weight * metrics["lookahead"]
+        if self.mode == "dual":  # this process's micro-batches (logging only)
+            metrics.update(_dual_metrics(sums, w.dual_loss))
         return metrics
 
     @torch.no_grad()
@@ -389,6 +462,11 @@ class Trainer:
             with acc.autocast():
                 r = m.eval_nll(batch)
             mask = r["token_mask"]
+            if not r["records"]:  # routers whose output layout is not recorded (native mode only)
+                totals[:4] += torch.stack(
+                    [r[k].double() for k in ("student_nll", "student_tokens", "teacher_nll", "teacher_tokens")]
+                )
+                continue
             n_router_tokens = r["records"][0].logits.shape[0] if mask is None else mask.sum()
             totals += torch.stack(
                 [
@@ -410,7 +488,7 @@ class Trainer:
             "student_ppl": math.exp(totals[0] / totals[1]),
             "teacher_ppl": math.exp(totals[2] / totals[3]),
             "eval_tokens": int(totals[1]),
-            "eval_router_entropy": float(totals[4] / totals[5]),
+            "eval_router_entropy": float(totals[4] / totals[5]) if totals[5] > 0 else None,
             "expert_load": [[round(float(v), 4) for v in row] for row in loads],
         }
 
@@ -547,6 +625,23 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _grad_norm(params) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _dual_metrics(sums: dict[str, float], dual_loss: str) -> dict[str, float | None]:
+    """Dual-mode statistics of one window: hidden MSE per aligned token, alignment coverage, and the
+    cross-tokenizer terms (KL per one-to-one pair, chunk loss per other chunk, the fraction of student
+    tokens in one-to-one chunks, the teacher's probability mass on exactly shared tokens)."""
+    out: dict[str, float | None] = {}
+    if dual_loss in ("hidden", "both"):
+        out["hidden_mse"] = sums["hidden_mse_sum"] / max(sums["aligned_tokens"], 1.0)
+        out["align_coverage"] = sums["aligned_tokens"] / max(sums["student_tokens"], 1.0)
+    if dual_loss in ("logit", "both"):
+        pairs, chunks = max(sums["xtok_n_pairs"], 1.0), max(sums["xtok_n_chunks"], 1.0)
+        out["xtok_kl"] = sums["xtok_kl_sum"] / pairs
+        out["xtok_chunk_loss"] = sums["xtok_chunk_sum"] / chunks if sums["xtok_n_chunks"] else None
+        out["xtok_one_to_one"] = sums["xtok_student_tokens_in_pairs"] / max(sums["xtok_student_tokens"], 1.0)
+        out["xtok_mass"] = sums["xtok_mass_sum"] / pairs
+    return out
 
 
 def _mean(values) -> float | None:

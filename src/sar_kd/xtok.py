@@ -220,6 +220,7 @@ def xtok_loss_sums(
     vocab_map: VocabMap,
     temperature: float = 1.0,
     chunk_size: int = 256,
+    lookahead: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Cross-tokenizer KD sums of a batch: bucketed KL on one-to-one chunks, likelihood match elsewhere.
 
@@ -243,6 +244,12 @@ def xtok_loss_sums(
     tokens that are exactly a shared bucket), ``student_tokens`` (real student tokens),
     ``student_tokens_in_pairs`` (student tokens in one-to-one chunks, predicted or not) and
     ``student_tokens_in_chunks`` (student tokens in the chunks of ``chunk_sum``). All 0-d tensors.
+
+    ``lookahead`` (the ``lookahead`` router objective, :mod:`sar_kd.lookahead`): a dict with the
+    student's logit direction pieces ``delta``/``mean`` (B, Ts, Hs), the head ``weight`` and its
+    direction ``grad_weight``. Then the teacher enters ``kl_sum`` detached (the KL trains the student
+    only) and ``look_sum`` = Σ over the pairs of ``T · ⟨ũ, q_t⟩`` (ũ: the bucketed logit direction)
+    carries the teacher's gradient. The chunk term is then computed for the student only.
     """
     al, vm, temp = alignment, vocab_map, float(temperature)
     dev = student_hidden.device
@@ -257,23 +264,36 @@ def xtok_loss_sums(
     row, sj, ti = pairs[:, 0], pairs[:, 1], pairs[:, 2]
     keep = s_pred[row, sj] & t_pred[row, ti]
     row, sj, ti = row[keep], sj[keep], ti[keep]
-    kl_sum, mass_sum = zero, zero.detach()
+    kl_sum, mass_sum, look_sum = zero, zero.detach(), zero
     if len(row):
 
-        def pair_fn(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
-            p_s = torch.softmax(student_head(h_s).float() / temp, dim=-1)
+        def pair_fn(h_s: torch.Tensor, h_t: torch.Tensor, *direction: torch.Tensor) -> torch.Tensor:
+            z_s = student_head(h_s).float()
+            p_s = torch.softmax(z_s / temp, dim=-1)
             p_t = torch.softmax(teacher_head(h_t).float() / temp, dim=-1)
             q_s = bucket_probs(p_s, s2b, vm.num_buckets)
             q_t = bucket_probs(p_t, t2b, vm.num_buckets)
             tiny = torch.finfo(torch.float32).tiny
-            kl = (q_t * (q_t.clamp(min=tiny).log() - q_s.clamp(min=tiny).log())).sum()
+            q_kl = q_t.detach() if direction else q_t
+            kl = (q_kl * (q_kl.clamp(min=tiny).log() - q_s.clamp(min=tiny).log())).sum()
             mass = (p_t.detach() @ t_exact).sum()  # a matrix-vector product: no (N, V) temporary
-            return torch.stack([kl, mass])
+            look = kl * 0.0
+            if direction:
+                from .lookahead import bucketed_direction, logit_direction
 
-        sums = torch.stack(
-            _sliced(pair_fn, [student_hidden[row, sj - 1], teacher_hidden[row, ti - 1]], chunk_size)
-        ).sum(0)
+                u = logit_direction(
+                    direction[0], direction[1], lookahead["weight"], lookahead["grad_weight"], student_head
+                )
+                u_b = bucketed_direction(u, z_s.detach(), temp, s2b, vm.num_buckets)
+                look = temp * (u_b * q_t).sum()
+            return torch.stack([kl, mass, look])
+
+        rows = [student_hidden[row, sj - 1], teacher_hidden[row, ti - 1]]
+        if lookahead is not None:
+            rows += [lookahead["delta"][row, sj - 1], lookahead["mean"][row, sj - 1]]
+        sums = torch.stack(_sliced(pair_fn, rows, chunk_size)).sum(0)
         kl_sum, mass_sum = zero + temp**2 * sums[0], sums[1].detach()
+        look_sum = zero + sums[2]
 
     # Other chunks: closed, not one-to-one, every token predicted on both sides.
     n_c = al.student_count.shape[1]
@@ -308,12 +328,14 @@ def xtok_loss_sums(
             seg = slot[b, chunk[b, pos]]
             log_p.append(torch.zeros(n_chunks, dtype=torch.float64, device=dev).index_add(0, seg, lp.double()))
         tokens_in_chunks = int((sides[0][4] & selected.gather(1, sides[0][3].clamp(min=0))).sum())
-        chunk_sum = zero + temp**2 * binarised_kl(log_p[1], log_p[0]).sum().float()
+        teacher_logp = log_p[1].detach() if lookahead is not None else log_p[1]
+        chunk_sum = zero + temp**2 * binarised_kl(teacher_logp, log_p[0]).sum().float()
 
     one = al.one_to_one.to(dev)
     return {
         "kl_sum": kl_sum,
         "chunk_sum": chunk_sum,
+        "look_sum": look_sum,
         "n_pairs": torch.tensor(len(row), device=dev),
         "n_chunks": torch.tensor(n_chunks, device=dev),
         "mass_sum": mass_sum,

@@ -1,0 +1,263 @@
+"""``sar-kd compare``: named arms × seeds through the real trainer, with paired verdicts.
+
+Each arm is a set of training flags added to a common command line; every (arm, seed) is one run of
+:class:`sar_kd.trainer.Trainer` in ``OUTPUT/runs/<arm>-seed<N>/``. A run whose ``summary.json``
+exists is finished and skipped, so an interrupted comparison resumes where it stopped (an unfinished
+run restarts from its latest checkpoint when it has one, else from scratch).
+
+Per arm the report gives the final student and teacher perplexity as mean ± sample standard
+deviation, min and max over seeds; against the baseline arm, the **paired** difference per seed
+(same seed, same data order) with a two-sided 95% Student-t confidence interval, and a verdict:
+``better`` (interval entirely below 0: lower perplexity), ``worse`` (entirely above 0), or
+``no difference at this budget``. Outputs: a Markdown table on stdout, ``compare.json`` and
+``compare.png`` (student and teacher perplexity curves, mean over seeds).
+
+    sar-kd compare --output_dir outputs/cmp --seeds 0 1 2 --baseline frozen \\
+        --arm frozen="--router_lr 0" --arm sarkd="--router_lr 5e-4" \\
+        -- --teacher_model T --student_model S --train_file train.txt --train_steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shlex
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigError
+
+logger = logging.getLogger("sar_kd")
+
+# Two-sided 95% quantiles t_{0.975, df} of Student's t distribution, df = 1..30 (beyond: 1.96 + 2.4/df).
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+METRICS = ("student_ppl", "teacher_ppl")
+
+
+def t_quantile_975(df: int) -> float:
+    """t_{0.975, df}: the two-sided 95% quantile of Student's t with ``df`` degrees of freedom."""
+    if df < 1:
+        raise ValueError("a confidence interval needs at least two paired values")
+    return _T975[df - 1] if df <= len(_T975) else 1.96 + 2.4 / df
+
+
+def spread(values: list[float]) -> dict[str, float | int]:
+    """Mean, sample standard deviation (0 for one value), min, max and count of ``values``."""
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def paired_difference(arm: list[float], baseline: list[float]) -> dict:
+    """Paired differences ``arm_i − baseline_i`` (same seeds): mean, sd, 95% CI and a verdict.
+
+    Lower perplexity is better, so an interval entirely below 0 is ``better``. With one pair there
+    is no interval and no verdict.
+    """
+    if len(arm) != len(baseline):
+        raise ValueError("paired values need the same seeds on both sides")
+    diffs = [a - b for a, b in zip(arm, baseline)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return {"diffs": diffs, "mean": mean, "sd": None, "ci95": None, "verdict": "one seed: no verdict"}
+    sd = statistics.stdev(diffs)
+    half = t_quantile_975(len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    lo, hi = mean - half, mean + half
+    verdict = "better" if hi < 0 else "worse" if lo > 0 else "no difference at this budget"
+    return {"diffs": diffs, "mean": mean, "sd": sd, "ci95": [lo, hi], "verdict": verdict}
+
+
+@dataclass
+class Comparison:
+    """Arms (name -> extra training flags) × seeds over common flags, written under ``output_dir``."""
+
+    output_dir: Path
+    common: list[str]
+    arms: dict[str, list[str]]
+    seeds: list[int]
+    baseline: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def run_dir(self, arm: str, seed: int) -> Path:
+        return self.output_dir / "runs" / f"{arm}-seed{seed}"
+
+    def run_args(self, arm: str, seed: int) -> list[str]:
+        """The full command line of one run (the arm's flags and the seed win over the common ones)."""
+        return [*self.common, *self.arms[arm], "--seed", str(seed), "--output_dir", str(self.run_dir(arm, seed))]
+
+    def validate(self) -> None:
+        from .config import config_from_args
+
+        if not self.arms:
+            raise ConfigError("compare: no arms given (--arm NAME='FLAGS')")
+        if self.baseline is not None and self.baseline not in self.arms:
+            raise ConfigError(f"compare: --baseline {self.baseline!r} is not one of the arms {sorted(self.arms)}")
+        for arm in self.arms:  # every arm's command line must be a valid run before anything trains
+            try:
+                config_from_args(self.run_args(arm, self.seeds[0]))
+            except ConfigError as e:
+                raise ConfigError(f"compare: arm {arm!r}: {e}") from None
+
+    def run(self, progress=None) -> None:
+        """Train every unfinished (arm, seed); ``progress(i, n, arm, seed)`` is called before each."""
+        from .checkpointing import list_checkpoints
+        from .config import config_from_args
+        from .trainer import Trainer
+
+        todo = [(a, s) for s in self.seeds for a in self.arms if not (self.run_dir(a, s) / "summary.json").is_file()]
+        for i, (arm, seed) in enumerate(todo):
+            if progress is not None:
+                progress(i, len(todo), arm, seed)
+            args = self.run_args(arm, seed)
+            run_dir = self.run_dir(arm, seed)
+            if run_dir.is_dir() and list_checkpoints(run_dir):
+                args += ["--resume_from_checkpoint", "latest"]
+            elif run_dir.is_dir():
+                args += ["--overwrite_output_dir"]
+            Trainer(config_from_args(args)).run()
+
+    def results(self) -> dict:
+        """Per-arm spreads and paired differences against the baseline, from the runs' summaries."""
+        finals: dict[str, dict[str, list[float]]] = {}
+        initial = {}
+        for arm in self.arms:
+            finals[arm] = {m: [] for m in METRICS}
+            for seed in self.seeds:
+                path = self.run_dir(arm, seed) / "summary.json"
+                if not path.is_file():
+                    raise ConfigError(f"compare: run {arm}-seed{seed} has not finished (no {path})")
+                s = json.loads(path.read_text())
+                for m in METRICS:
+                    finals[arm][m].append(s[f"final_{m}"])
+                initial.setdefault("teacher_ppl", s.get("initial_teacher_ppl"))
+        out: dict = {"seeds": self.seeds, "baseline": self.baseline, "initial": initial, "arms": {}}
+        for arm, vals in finals.items():
+            row = {m: {**spread(v), "values": v} for m, v in vals.items()}
+            if self.baseline is not None and arm != self.baseline:
+                row["vs_baseline"] = {m: paired_difference(vals[m], finals[self.baseline][m]) for m in METRICS}
+            t0 = initial.get("teacher_ppl")
+            if t0:
+                row["teacher_ppl_change"] = row["teacher_ppl"]["mean"] / t0 - 1
+            out["arms"][arm] = row
+        return out
+
+
+def format_table(results: dict, labels: dict[str, str] | None = None) -> str:
+    """A Markdown table of :meth:`Comparison.results`."""
+    labels = labels or {}
+
+    def ms(s: dict) -> str:
+        return f"{s['mean']:.2f} ± {s['sd']:.2f} (min {s['min']:.2f}, max {s['max']:.2f})"
+
+    base = results["baseline"]
+    head = "| arm | student ppl | teacher ppl after | student vs baseline (paired, 95% CI) |"
+    lines = [head, "|---|---|---|---|"]
+    for arm, row in results["arms"].items():
+        d = row.get("vs_baseline", {}).get("student_ppl")
+        if d is None:
+            verdict = "baseline" if arm == base else "—"
+        elif d["ci95"] is None:
+            verdict = f"{d['mean']:+.2f} ({d['verdict']})"
+        else:
+            verdict = f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]: **{d['verdict']}**"
+        lines.append(f"| {labels.get(arm, arm)} | {ms(row['student_ppl'])} | {ms(row['teacher_ppl'])} | {verdict} |")
+    return "\n".join(lines)
+
+
+def plot_comparison(cmp: Comparison, path: Path, labels: dict[str, str] | None = None) -> None:
+    """Student and teacher validation perplexity against step, mean over seeds, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    labels = labels or {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    styles = ["-", "--", "-.", ":"]
+    for i, arm in enumerate(cmp.arms):
+        curves: dict[int, dict[str, list[float]]] = {}
+        for seed in cmp.seeds:
+            path_m = cmp.run_dir(arm, seed) / "metrics.jsonl"
+            if not path_m.is_file():
+                continue
+            for line in path_m.read_text().splitlines():
+                row = json.loads(line)
+                if "student_ppl" in row:
+                    for m in METRICS:
+                        curves.setdefault(row["step"], {k: [] for k in METRICS})[m].append(row[m])
+        steps = sorted(curves)
+        for ax, m in zip(axes, METRICS):
+            ax.plot(
+                steps,
+                [statistics.fmean(curves[s][m]) for s in steps],
+                styles[i % len(styles)],
+                marker="o",
+                markersize=3,
+                alpha=0.85,
+                label=labels.get(arm, arm),
+            )
+    for ax, m in zip(axes, METRICS):
+        ax.set_yscale("log")
+        fmt = ScalarFormatter()
+        fmt.set_scientific(False)
+        ax.yaxis.set_major_formatter(fmt)
+        ax.yaxis.set_minor_formatter(fmt)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(f"{m.replace('_', ' ')} (validation, mean over {len(cmp.seeds)} seeds)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _parse_arm(text: str) -> tuple[str, list[str]]:
+    name, sep, flags = text.partition("=")
+    if not sep or not name.strip():
+        raise ConfigError(f"--arm {text!r}: expected NAME='FLAGS' (e.g. frozen='--router_lr 0')")
+    return name.strip(), shlex.split(flags)
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    """Run arms × seeds through the trainer and report paired verdicts against a baseline."""
+    argv = list(argv or [])
+    common: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, common = argv[:cut], argv[cut + 1 :]
+    p = argparse.ArgumentParser(
+        prog="sar-kd compare",
+        description=compare_main.__doc__,
+        epilog="Training flags common to every arm go after '--' (same flags as sar-kd train).",
+    )
+    p.add_argument("--output_dir", required=True, help="Where runs/, compare.json and compare.png go.")
+    p.add_argument(
+        "--arm", action="append", default=[], metavar="NAME='FLAGS'", help="An arm: a name and its extra flags."
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds (each arm runs every seed).")
+    p.add_argument("--baseline", default=None, help="The arm the others are compared with (paired per seed).")
+    a = p.parse_args(argv)
+    arms = dict(_parse_arm(t) for t in a.arm)
+    if len(arms) != len(a.arm):
+        raise ConfigError("compare: two arms share a name")
+    cmp = Comparison(Path(a.output_dir), common, arms, a.seeds, a.baseline)
+    cmp.validate()
+    cmp.output_dir.mkdir(parents=True, exist_ok=True)
+    cmp.run(lambda i, n, arm, seed: logger.info("compare: run %d/%d: %s seed %d", i + 1, n, arm, seed))
+    results = cmp.results()
+    (cmp.output_dir / "compare.json").write_text(json.dumps(results, indent=2))
+    plot_comparison(cmp, cmp.output_dir / "compare.png")
+    print(format_table(results))
+    return 0
