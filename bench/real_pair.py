@@ -20,6 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 
+def _student_tokenizer_dir(dirs: dict, root: Path) -> Path:
+    """Same-tokenizer mode: a copy of the Qwen tokenizer in its own directory (the trainer refuses the
+    teacher's own directory as the student)."""
+    import shutil
+
+    dest = root / "student_qwen3_tokenizer"
+    if not dest.exists():
+        shutil.copytree(dirs["qwen3"], dest)
+    return dest
+
+
 def build_trainer(
     dev: torch.device, mode: str = "hidden", block_size: int = 1024, model_dtype: str = "float32", **over
 ):
@@ -45,7 +56,7 @@ def build_trainer(
             torch.nn.init.normal_(p, std=0.02)
     cfg = TrainConfig(
         teacher_model=str(dirs["qwen3"]),
-        student_model=str(dirs["qwen3" if mode == "logit" else "smollm"]),
+        student_model=str(_student_tokenizer_dir(dirs, sys_tmp) if mode == "logit" else dirs["smollm"]),
         train_file=str(train),
         block_size=block_size,
         per_device_batch_size=1,

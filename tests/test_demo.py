@@ -33,13 +33,14 @@ def test_demo_pipeline_reduced(tmp_path, capsys, caplog):
         assert arm in printed
     assert (out / "demo_curves.png").stat().st_size > 10_000
     report = json.loads((out / "demo_results.json").read_text())
-    assert set(report["arms"]) == {"ce_only", "kd_frozen", "sarkd", "sarkd_tce"}
+    assert set(report["arms"]) == {"ce_only", "kd_frozen", "sarkd", "sarkd_tce", "lookahead"}
     env = report["environment"]  # the table's last digits depend on these
     assert env["torch"] == torch.__version__ and env["transformers"] == transformers.__version__
     assert env["python"] and env["sar_kd"] and env["torch_threads"] == torch.get_num_threads()
     assert f"torch {torch.__version__}" in printed and "torch threads" in printed
     progress = [r.getMessage() for r in caplog.records if "demo: run " in r.getMessage()]
-    assert "run 1/4: CE only, seed 0" in progress[0] and "left" in progress[2]
+    assert "run 1/5: CE only, seed 0" in progress[0] and "left" in progress[2]
+    assert "SAR-KD lookahead" in printed and "paired, 95% CI" in printed
     for runs in report["arms"].values():
         assert len(runs) == 1 and 1 < runs[0]["final_student_ppl"] < 1e4
     frozen, sarkd = report["arms"]["kd_frozen"][0], report["arms"]["sarkd"][0]
@@ -58,9 +59,10 @@ def test_demo_pipeline_reduced(tmp_path, capsys, caplog):
 def test_demo_dual_mode_reduced(tmp_path, capsys):
     out = tmp_path / "dual"
     args = ["demo", "--mode", "dual", "--steps", "2", "--seeds", "1", "--teacher_steps", "2",
-            "--arms", "sarkd", "--output_dir", str(out), "--cache_dir", str(tmp_path / "c")]  # fmt: skip
+            "--arms", "sarkd", "xlookahead", "--output_dir", str(out), "--cache_dir", str(tmp_path / "c")]  # fmt: skip
     assert main(args) == 0
     report = json.loads((out / "demo_results.json").read_text())
     assert report["mode"] == "dual" and report["arms"]["sarkd"][0]["final_student_ppl"] > 1
+    assert report["arms"]["xlookahead"][0]["final_student_ppl"] > 1
     cfg = json.loads((out / "runs" / "sarkd-seed0" / "sar_kd_config.json").read_text())
     assert cfg["mode"] == "dual"

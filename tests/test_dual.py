@@ -106,7 +106,7 @@ def test_coverage_on_wikitext_with_real_pair(toks, wikitext_lines):
 
 
 def test_router_gradient_flows_through_hidden_state_loss(dual_pair, tmp_path):
-    cfg = config_from_args(base_args(dual_pair, tmp_path / "o", block_size=64, alpha_ce=0.0, alpha_kd=1.0,
+    cfg = config_from_args(base_args(dual_pair, tmp_path / "o", block_size=64, alpha_ce=0.0, alpha_kd=1.0, dual_loss="hidden",
                                      router_anchor_weight=0, router_entropy_weight=0, router_load_balance_weight=0))  # fmt: skip
     t = Trainer(cfg)
     t.setup()
@@ -122,7 +122,8 @@ def test_router_gradient_flows_through_hidden_state_loss(dual_pair, tmp_path):
 
 def test_dual_cli_end_to_end(dual_pair, tmp_path):
     out = tmp_path / "dual"
-    args = base_args(dual_pair, out, block_size=64, hidden_layer_pairs="-1:-1,1:1", router_teacher_ce_weight=0.1)
+    args = base_args(dual_pair, out, block_size=64, hidden_layer_pairs="-1:-1,1:1", router_teacher_ce_weight=0.1,
+                     dual_loss="hidden")  # fmt: skip
     assert main(["train", *args]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
@@ -145,7 +146,7 @@ def test_dual_cli_end_to_end(dual_pair, tmp_path):
     shutil.copytree(out, res)
     shutil.rmtree(res / "checkpoint-4")
     (res / "projection.pt").unlink()
-    assert main(["train", *base_args(dual_pair, res, block_size=64, hidden_layer_pairs="-1:-1,1:1",
+    assert main(["train", *base_args(dual_pair, res, block_size=64, hidden_layer_pairs="-1:-1,1:1", dual_loss="hidden",
                                      router_teacher_ce_weight=0.1, resume_from_checkpoint="latest")]) == 0  # fmt: skip
     p2 = torch.load(res / "projection.pt", weights_only=True)
     for k, v in proj["state_dict"].items():
@@ -153,14 +154,16 @@ def test_dual_cli_end_to_end(dual_pair, tmp_path):
 
 
 def test_bad_layer_pair_is_an_error(dual_pair, tmp_path, capsys):
-    rc = main(["train", *base_args(dual_pair, tmp_path / "o", block_size=64, hidden_layer_pairs="-1:7")])
+    rc = main(
+        ["train", *base_args(dual_pair, tmp_path / "o", block_size=64, hidden_layer_pairs="-1:7", dual_loss="hidden")]
+    )
     assert rc == 2 and "out of range" in capsys.readouterr().err
 
 
 def test_dual_log_line_without_teacher_logits(dual_pair, tmp_path, caplog):
     with caplog.at_level("INFO", logger="sar_kd"):
         rc = main(["train", *base_args(dual_pair, tmp_path / "o", block_size=64, train_steps=1, eval_steps=1,
-                                       save_steps=0)])  # fmt: skip
+                                       save_steps=0, dual_loss="hidden")])  # fmt: skip
     assert rc == 0
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 1/1")]
     assert lines and "teacher_ce" not in lines[0]

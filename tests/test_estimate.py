@@ -183,9 +183,21 @@ def test_cli_teacher_ce_flag(tmp_path, capsys):
     tdir, sdir = tmp_path / "t", tmp_path / "s"
     tiny_moe_config(2000, hidden=64, layers=2, experts=4).save_pretrained(tdir)
     S.save_pretrained(sdir)
-    args = ["estimate", "--teacher_model", str(tdir), "--student_model", str(sdir), "--block_size", "64", "--json"]
+    args = ["estimate", "--teacher_model", str(tdir), "--student_model", str(sdir), "--block_size", "64", "--json",
+            "--mode", "hidden"]  # fmt: skip
     totals = []
     for w in ("0", "0.1"):
         assert main([*args, "--router_teacher_ce_weight", w]) == 0
         totals.append(json.loads(capsys.readouterr().out)["total_bytes"])
     assert totals[1] > totals[0]
+
+
+def test_cross_tokenizer_logit_loss_counts_both_full_vocabulary_slices():
+    from sar_kd.estimate import builtin_config, estimate_memory
+
+    t, s = builtin_config("teacher"), builtin_config("student")
+    kw = {"block_size": 512, "kd_chunk_size": 256, "cuda": False}
+    xtok = estimate_memory(t, s, mode="xtok", **kw)
+    hidden = estimate_memory(t, s, mode="hidden", **kw)
+    assert xtok["logits"] == 256 * (151936 + 49152) * 16 + 256 * 49152 * 16
+    assert xtok["logits"] > hidden["logits"] and xtok["params"]["projection"] == 0

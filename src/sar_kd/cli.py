@@ -104,6 +104,10 @@ COMMANDS = {
     "train": ("Train a student and the teacher's routers (same flags as train_sar_kd.py).", train_main),
     "apply-router": ("Write the teacher with trained routers applied.", apply_router_main),
     "plot": ("Render a run's training curves and router statistics to a PNG.", _lazy("plot", "plot_main")),
+    "compare": (
+        "Run arms x seeds through the trainer; paired verdicts against a baseline arm.",
+        _lazy("compare", "compare_main"),
+    ),
     "estimate": (
         "Estimate a run's memory from the model configs, with a verdict for a GPU size.",
         _lazy("estimate", "estimate_main"),

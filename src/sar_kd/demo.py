@@ -258,12 +258,18 @@ def _spread(values: list[float]) -> str:
     )
 
 
-def results_table(results: dict[str, list[dict]]) -> str:
-    """Markdown table of the demo's arms (mean ± standard deviation over seeds)."""
+def results_table(results: dict[str, list[dict]], baseline: str = "kd_frozen") -> str:
+    """Markdown table of the demo's arms (mean ± standard deviation over seeds), with each arm's paired
+    difference in student perplexity to ``baseline`` (same seeds; 95% CI and verdict, sar_kd.compare)."""
+    from .compare import paired_difference
+
+    label = ARMS[baseline].name if baseline in ARMS else baseline
     lines = [
-        "| arm | student ppl | teacher ppl after | routing entropy after | expert load change (L1) |",
-        "|---|---|---|---|---|",
+        f"| arm | student ppl | teacher ppl after | student vs {label} (paired, 95% CI) | routing entropy after "
+        "| expert load change (L1) |",
+        "|---|---|---|---|---|---|",
     ]
+    base = [r["summary"]["final_student_ppl"] for r in results.get(baseline, [])]
     for key, runs in results.items():
         s_ppl = [r["summary"]["final_student_ppl"] for r in runs]
         t_ppl = [r["summary"]["final_teacher_ppl"] for r in runs]
@@ -276,8 +282,15 @@ def results_table(results: dict[str, list[dict]]) -> str:
             )
             for r in runs
         ]
+        if key == baseline or len(base) != len(s_ppl):
+            verdict = "baseline" if key == baseline else "—"
+        else:
+            d = paired_difference(s_ppl, base)
+            ci = "" if d["ci95"] is None else f" [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+            verdict = f"{d['mean']:+.2f}{ci}: {d['verdict']}"
+        ent_s = f"{statistics.mean(ent):.3f}" if all(e is not None for e in ent) else "—"
         lines.append(
-            f"| {ARMS[key].name} | {_spread(s_ppl)} | {_spread(t_ppl)} | {statistics.mean(ent):.3f} | "
+            f"| {ARMS[key].name} | {_spread(s_ppl)} | {_spread(t_ppl)} | {verdict} | {ent_s} | "
             f"{statistics.mean(moved):.3f} |"
         )
     return "\n".join(lines)
@@ -380,7 +393,8 @@ def demo_main(argv: list[str] | None = None) -> int:
                 r["summary"]["final_teacher_ppl"],
             )  # fmt: skip
     teacher_ppl0 = results[a.arms[0]][0]["summary"]["initial_teacher_ppl"]
-    table = results_table(results)
+    baseline = "xkd_frozen" if a.mode == "dual" and "xkd_frozen" in results else "kd_frozen"
+    table = results_table(results, baseline)
     png = out / "demo_curves.png"
     plot_results(results, png, teacher_ppl0)
     report = {

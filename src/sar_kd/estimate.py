@@ -190,6 +190,11 @@ def estimate_memory(
     if mode == "logit":
         # one chunk of both models' logits: raw, fp32, log-softmaxes, probabilities, product, gradients
         out["logits"] = chunk * min(t.vocab, s.vocab) * 4 * 8
+    elif mode == "xtok":
+        # cross-tokenizer logit loss: one slice of paired positions holds both models' full-vocabulary
+        # logits (raw, fp32 softmax and their gradients) and both bucketed distributions (at most the
+        # smaller vocabulary's size) with theirs
+        out["logits"] = chunk * (t.vocab + s.vocab) * 4 * 4 + chunk * min(t.vocab, s.vocab) * 4 * 4
     else:
         # one chunk of the student's logits for its CE; alignment matrices and pooled teacher states
         # with teacher CE, a chunk of the teacher's logits too; the two heads' chunks run one after the
@@ -293,8 +298,9 @@ def estimate_main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--mode",
         default="auto",
-        choices=("auto", "logit", "hidden"),
-        help="auto: hidden (dual-tokenizer) when the vocabulary sizes differ, else logit",
+        choices=("auto", "logit", "xtok", "hidden"),
+        help="auto: xtok (dual-tokenizer, cross-tokenizer logit loss: --dual_loss logit, the default) when the "
+        "vocabulary sizes differ, else logit; hidden: dual-tokenizer with --dual_loss hidden",
     )
     p.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument(
@@ -317,7 +323,7 @@ def estimate_main(argv: list[str] | None = None) -> int:
         raise ConfigError("--block_size and --per_device_batch_size must be > 0")
     t_conf = resolve_config(a.teacher_model, "teacher")
     s_conf = resolve_config(a.student_model, "student")
-    mode = a.mode if a.mode != "auto" else ("logit" if t_conf.vocab_size == s_conf.vocab_size else "hidden")
+    mode = a.mode if a.mode != "auto" else ("logit" if t_conf.vocab_size == s_conf.vocab_size else "xtok")
     if a.table:
         print(memory_table(t_conf, s_conf, mode))
         return 0

@@ -1,0 +1,71 @@
+"""sar-kd compare: statistics against hand computation, runs skipped and resumed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import base_args
+from sar_kd.cli import main
+from sar_kd.compare import Comparison, format_table, paired_difference, spread, t_quantile_975
+from sar_kd.config import ConfigError
+
+
+def test_paired_confidence_interval_matches_hand_computation():
+    # diffs 1, 2, 3: mean 2, sd 1, t_{0.975,2} = 4.303 -> half-width 4.303 / sqrt(3) = 2.4843
+    d = paired_difference([11.0, 22.0, 33.0], [10.0, 20.0, 30.0])
+    assert d["diffs"] == [1.0, 2.0, 3.0] and d["mean"] == 2.0 and d["sd"] == 1.0
+    assert d["ci95"] == pytest.approx([2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)], abs=1e-9)
+    assert d["verdict"] == "no difference at this budget"
+    assert paired_difference([7.0, 7.1, 6.9], [10.0, 10.0, 10.0])["verdict"] == "better"
+    assert paired_difference([13.0, 13.1, 12.9], [10.0, 10.0, 10.0])["verdict"] == "worse"
+    assert paired_difference([9.0], [10.0])["verdict"] == "one seed: no verdict"
+    assert t_quantile_975(1) == 12.706 and t_quantile_975(30) == 2.042 and 1.96 < t_quantile_975(200) < 1.98
+    s = spread([1.0, 2.0, 4.0])
+    assert s["mean"] == pytest.approx(7 / 3) and s["sd"] == pytest.approx(1.527525, abs=1e-6) and s["n"] == 3
+
+
+def _common(pair) -> list[str]:
+    return base_args(pair, "unused", train_steps=2, eval_steps=2, save_steps=1, eval_max_batches=1)[:-2]
+
+
+def test_compare_runs_reports_and_resumes(tiny_pair, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--output_dir", str(out), "--seeds", "0", "1", "--baseline", "frozen",
+            "--arm", "frozen=--router_lr 0", "--arm", "learn=--router_lr 0.01", "--", *_common(tiny_pair)]  # fmt: skip
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| frozen |" in table and "| learn |" in table and "baseline" in table
+    res = json.loads((out / "compare.json").read_text())
+    assert set(res["arms"]) == {"frozen", "learn"} and res["seeds"] == [0, 1]
+    learn = res["arms"]["learn"]
+    assert len(learn["student_ppl"]["values"]) == 2 and "vs_baseline" in learn
+    assert (out / "compare.png").is_file()
+    # every run is a real trainer run with its own seed
+    cfg = json.loads((out / "runs" / "learn-seed1" / "sar_kd_config.json").read_text())["config"]
+    assert cfg["seed"] == 1 and cfg["router_lr"] == 0.01
+
+    # a run killed after its first checkpoint: only that run trains again, from the checkpoint
+    killed = out / "runs" / "learn-seed0"
+    (killed / "summary.json").unlink()
+    for p in killed.glob("checkpoint-2"):
+        import shutil
+
+        shutil.rmtree(p)
+    kept = {p: p.stat().st_mtime for p in (out / "runs").glob("*/summary.json")}
+    assert main(argv) == 0
+    assert all(p.stat().st_mtime == t for p, t in kept.items())  # finished runs were skipped
+    assert (killed / "summary.json").is_file()
+    log = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2]  # resumed at step 1, not restarted
+    assert "| learn |" in format_table(json.loads((out / "compare.json").read_text()))
+
+
+def test_compare_refuses_a_bad_arm_before_training(tiny_pair, tmp_path):
+    argv = ["compare", "--output_dir", str(tmp_path / "c"), "--arm", "bad=--router_lr -1", "--", *_common(tiny_pair)]
+    assert main(argv) == 2
+    assert not (tmp_path / "c" / "runs").exists()
+    with pytest.raises(ConfigError, match="not one of the arms"):
+        Comparison(tmp_path, _common(tiny_pair), {"a": []}, [0], baseline="b").validate()
