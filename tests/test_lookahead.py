@@ -261,7 +261,7 @@ def test_lookahead_in_dual_mode_needs_a_logit_loss(dual_pair, tmp_path):
     from sar_kd.config import ConfigError
 
     with pytest.raises(ConfigError, match="--dual_loss logit or both"):
-        _trainer(dual_pair, tmp_path / "c", block_size=64, router_objective="lookahead")
+        _trainer(dual_pair, tmp_path / "c", block_size=64, router_objective="lookahead", dual_loss="hidden")
     t = _trainer(dual_pair, tmp_path / "d", block_size=64, router_objective="lookahead", dual_loss="logit",
                  grad_accum_steps=1)  # fmt: skip
     try:

@@ -127,7 +127,9 @@ class TrainConfig:
         "the training blocks (--lookahead_holdout_percentage); never the validation split.",
         choices=("next", "holdout"),
     )
-    lookahead_holdout_percentage: float = _f(5.0, "lookahead with --lookahead_quiz holdout: % of training blocks.")
+    lookahead_holdout_percentage: float = _f(
+        5.0, "lookahead with --lookahead_quiz holdout: the percentage of training blocks held out as quiz data."
+    )
     lookahead_weight: float = _f(1.0, "lookahead: weight of the router objective L_look (per student token).")
     lookahead_jvp: str = _f(
         "forward",
