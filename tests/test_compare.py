@@ -62,6 +62,12 @@ def test_compare_runs_reports_and_resumes(tiny_pair, tmp_path, capsys):
     assert [r["step"] for r in log if "loss" in r] == [1, 2]  # resumed at step 1, not restarted
     assert "| learn |" in format_table(json.loads((out / "compare.json").read_text()))
 
+    # the same output directory with other common flags: finished runs are not silently reused
+    changed = [*argv[: argv.index("--") + 1], *_common(tiny_pair)]
+    changed[changed.index("--train_steps") + 1] = "3"
+    assert main(changed) == 2
+    assert "made with other flags (train_steps)" in capsys.readouterr().err
+
 
 def test_compare_refuses_a_bad_arm_before_training(tiny_pair, tmp_path):
     argv = ["compare", "--output_dir", str(tmp_path / "c"), "--arm", "bad=--router_lr -1", "--", *_common(tiny_pair)]

@@ -236,6 +236,8 @@ def test_lookahead_trains_the_router_only_through_l_look(tiny_pair, tmp_path, jv
         m = t.train_step()
         assert m["router_grad_norm"] > 0 and m["student_grad_norm"] > 0 and m["kd_loss"] > 0
         assert m["lookahead"] is not None and math.isfinite(m["lookahead"])
+        w = t.model.weights  # the logged loss is the whole objective (regularisers are 0 here)
+        assert m["loss"] == pytest.approx(w.alpha_kd * m["kd_loss"] + w.alpha_ce * m["ce_loss"] + m["lookahead"])
         # with L_look weighted 0 nothing else reaches the router: the KD term trains the student only
         t.model.weights.lookahead_weight = 0.0
         m0 = t.train_step()

@@ -199,6 +199,16 @@ def resume_mismatches(path: Path, cfg: TrainConfig, num_processes: int) -> list[
     ):
         if trains(old) != trains(new):
             diffs.append(f"{k} {json.dumps(old.get(k))} -> {json.dumps(new[k])} (changes what is trained)")
+    for k in ("dual_loss", "router_objective"):  # what the checkpoint holds (projection) and the data split
+        if k in old and old[k] != new[k]:
+            diffs.append(f"{k} {json.dumps(old[k])} -> {json.dumps(new[k])}")
+
+    def holdout(c: dict) -> float | None:
+        lookahead = c.get("router_objective") == "lookahead" and c.get("lookahead_quiz") == "holdout"
+        return c.get("lookahead_holdout_percentage") if lookahead else None
+
+    if holdout(old) != holdout(new):  # the quiz split changes which blocks the data position counts
+        diffs.append(f"lookahead holdout split {holdout(old)} -> {holdout(new)}")
     saved_world = state.get("num_processes")  # absent in checkpoints of older versions
     if saved_world is not None and saved_world != num_processes:
         diffs.append(f"processes {saved_world} -> {num_processes}")

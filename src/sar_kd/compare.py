@@ -115,6 +115,9 @@ class Comparison:
         from .config import config_from_args
         from .trainer import Trainer
 
+        for arm in self.arms:  # a finished run made with other flags must not be paired with new ones
+            for seed in self.seeds:
+                self._check_finished_run(arm, seed)
         todo = [(a, s) for s in self.seeds for a in self.arms if not (self.run_dir(a, s) / "summary.json").is_file()]
         for i, (arm, seed) in enumerate(todo):
             if progress is not None:
@@ -126,6 +129,23 @@ class Comparison:
             elif run_dir.is_dir():
                 args += ["--overwrite_output_dir"]
             Trainer(config_from_args(args)).run()
+
+    def _check_finished_run(self, arm: str, seed: int) -> None:
+        """Refuse to reuse a run whose saved config differs from what this comparison would run."""
+        from .config import config_from_args
+
+        saved = self.run_dir(arm, seed) / "sar_kd_config.json"
+        if not (self.run_dir(arm, seed) / "summary.json").is_file() or not saved.is_file():
+            return
+        old = json.loads(saved.read_text())["config"]
+        new = config_from_args(self.run_args(arm, seed)).to_dict()
+        ignore = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint"}
+        diffs = sorted(k for k in new if k not in ignore and old.get(k) != new[k])
+        if diffs:
+            raise ConfigError(
+                f"compare: run {arm}-seed{seed} was made with other flags ({', '.join(diffs)}): remove "
+                f"{self.run_dir(arm, seed)} to re-run it, or use another --output_dir"
+            )
 
     def results(self) -> dict:
         """Per-arm spreads and paired differences against the baseline, from the runs' summaries."""
@@ -140,7 +160,8 @@ class Comparison:
                 s = json.loads(path.read_text())
                 for m in METRICS:
                     finals[arm][m].append(s[f"final_{m}"])
-                initial.setdefault("teacher_ppl", s.get("initial_teacher_ppl"))
+                if initial.get("teacher_ppl") is None:
+                    initial["teacher_ppl"] = s.get("initial_teacher_ppl")
         out: dict = {"seeds": self.seeds, "baseline": self.baseline, "initial": initial, "arms": {}}
         for arm, vals in finals.items():
             row = {m: {**spread(v), "values": v} for m, v in vals.items()}

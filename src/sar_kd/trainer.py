@@ -187,6 +187,11 @@ class Trainer:
             router_kl_weight=cfg.router_kl_weight,
             lookahead_jvp=cfg.lookahead_jvp,
         )
+        if weights.lookahead and getattr(student.get_output_embeddings(), "bias", None) is not None:
+            raise ConfigError(
+                "--router_objective lookahead does not support a student whose LM head has a bias "
+                "(its direction would be missing the bias's part); use --router_objective joint"
+            )
         if self.mode == "dual" and weights.router_objective == "lookahead" and cfg.dual_loss == "hidden":
             raise ConfigError(
                 "--router_objective lookahead is built on the logit losses: with two tokenizers use "
@@ -259,7 +264,7 @@ class Trainer:
                 f"dual-tokenizer blocks: alignment coverage {cov:.4f}, "
                 f"block fill {util[0]:.1%} (student) / {util[1]:.1%} (teacher)"
             )
-        if cfg.router_objective == "lookahead" and cfg.lookahead_quiz == "holdout":
+        if self.model.weights.lookahead and cfg.lookahead_quiz == "holdout":
             train, self.quiz_blocks = data.split_validation(train, cfg.lookahead_holdout_percentage)
         self.train_blocks, self.val_blocks = train, val
         acc = self.accelerator
@@ -421,6 +426,12 @@ class Trainer:
             + w.router_load_balance_weight * reg["router_load_balance"]
             + w.router_kl_weight * reg["router_kl"]
         )
+        look = None
+        if w.lookahead:  # L_look per student token (this process): its fall is what the router learns
+            look = sums["look_sum"] / counts[self.model.kd_count_key] * acc.num_processes
+            total += w.lookahead_weight * look
+        if self.mode == "dual" and w.dual_loss == "both":  # the MSE term and its own weight
+            total += w.alpha_hidden * sums["hidden_mse_sum"] / max(sums["aligned_tokens"], 1.0)
         metrics = {
             "step": self.step,
             "loss": total,
@@ -438,9 +449,8 @@ class Trainer:
             "update_time_s": update_dt,  # norms, clipping, optimizer and scheduler
             "skipped_steps": self.skipped_steps,
         }
-        if w.lookahead:  # L_look per student token (this process): its fall is what the router learns
-            metrics["lookahead"] = sums["look_sum"] / counts[self.model.kd_count_key] * acc.num_processes
-            total += w.lookahead_weight * metrics["lookahead"]
+        if look is not None:
+            metrics["lookahead"] = look
         if self.mode == "dual":  # this process's micro-batches (logging only)
             metrics.update(_dual_metrics(sums, w.dual_loss))
         return metrics
