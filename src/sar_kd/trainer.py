@@ -343,14 +343,10 @@ class Trainer:
         from .lookahead import quiz_gradient
 
         m, batch = self.model, self._quiz_batch()
-        key, mkey = ("input_ids", "attention_mask") if self.mode == "logit" else ("student_ids", "student_mask")
-        ids, mask = batch[key], batch.get(mkey)
-        labels = losses.shift_labels(ids, mask)
         named = {n: p for n, p in m.student.named_parameters() if p.requires_grad}
         with self.accelerator.autocast():
-            hidden = m.student.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            ce = losses.chunked_ce(hidden, m.student_head, labels, self.cfg.kd_chunk_size)
-        ce = ce / (labels != losses.IGNORE_INDEX).sum().clamp(min=1)
+            ce = m._ce_only_sums(batch)["ce_sum"]  # the student's CE sum, as a CE-only step computes it
+        ce = ce / batch["n_ce"].sum().clamp(min=1)  # n_ce: the batch's student labels
         return dict(zip(named, quiz_gradient(ce, list(named.values()))))
 
     def train_step(self) -> dict[str, float]:
@@ -472,22 +468,14 @@ class Trainer:
             with acc.autocast():
                 r = m.eval_nll(batch)
             mask = r["token_mask"]
+            totals[:4] += torch.stack(
+                [r[k].double() for k in ("student_nll", "student_tokens", "teacher_nll", "teacher_tokens")]
+            )
             if not r["records"]:  # routers whose output layout is not recorded (native mode only)
-                totals[:4] += torch.stack(
-                    [r[k].double() for k in ("student_nll", "student_tokens", "teacher_nll", "teacher_tokens")]
-                )
                 continue
             n_router_tokens = r["records"][0].logits.shape[0] if mask is None else mask.sum()
-            totals += torch.stack(
-                [
-                    r["student_nll"].double(),
-                    r["student_tokens"].double(),
-                    r["teacher_nll"].double(),
-                    r["teacher_tokens"].double(),
-                    losses.router_entropy(r["records"], mask).double() * n_router_tokens,
-                    torch.as_tensor(n_router_tokens, dtype=torch.float64, device=dev),
-                ]
-            )
+            totals[4] += losses.router_entropy(r["records"], mask).double() * n_router_tokens
+            totals[5] += n_router_tokens
             counts += losses.expert_counts(r["records"], mask).double()
         totals = acc.reduce(totals, reduction="sum")
         counts = acc.reduce(counts, reduction="sum")
