@@ -286,6 +286,11 @@ class RouterController:
                     f"router {r.name} ({r.kind}): {why}; --router_grad {mode} cannot give it a gradient "
                     "(use --router_grad native)"
                 )
+            if spec is None:  # native mode: the model routes as it is; nothing recorded from this router
+                logger.warning(
+                    "router %s (%s): %s; it is left native and its statistics and regularisers are skipped",
+                    r.name, r.kind, why,
+                )  # fmt: skip
             self.specs[id(r.module)] = spec
         kinds = sorted({s.describe() for s in self.specs.values() if s is not None})
         if kinds:
