@@ -6,6 +6,8 @@
    ``skipped_steps`` counts it; no weight becomes non-finite.
 3. Peak GPU memory of one optimizer step of the real architectures (random weights) at
    block 256 and 1024, fp16 and bf16, next to ``sar-kd estimate``'s prediction.
+4. With two or more GPUs: the same on 2 GPUs under ``--fsdp`` (bf16, block 1024), per-GPU peak
+   next to ``sar-kd estimate --fsdp --num_gpus 2`` (torchrun; this script is its worker).
 
 Prints one JSON line per check. Usage: python bench/cuda_check.py [--quick]
 """
@@ -122,10 +124,51 @@ def check_real_memory(block: int, dtype: str, mode: str) -> dict:
             "ratio": est["total_bytes"] / peak}  # fmt: skip
 
 
+def fsdp_worker(block: int, mode: str) -> None:
+    """Under torchrun: one FSDP run of the real pair, per-GPU peak against the estimate."""
+    from real_pair import build_trainer
+
+    from sar_kd.estimate import estimate_memory
+
+    dtype = "bfloat16"
+    trainer = build_trainer(torch.device("cuda"), mode=mode, block_size=block, model_dtype=dtype, fsdp=True)
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train_step()
+    trainer.train_step()
+    peak = torch.cuda.max_memory_allocated()
+    world = trainer.accelerator.num_processes
+    est = estimate_memory(
+        trainer.model.teacher.config, trainer.model.student.config, model_dtype=dtype, block_size=block,
+        mode=mode, num_gpus=world, fsdp=True, cuda=False,
+    )  # fmt: skip
+    print(json.dumps({"check": "fsdp_memory", "rank": trainer.accelerator.process_index, "gpus": world,
+                      "mode": mode, "block_size": block, "peak_gb": peak / 2**30,
+                      "estimate_gb": est["total_bytes"] / 2**30, "ratio": est["total_bytes"] / peak}), flush=True)  # fmt: skip
+
+
+def check_fsdp(mode: str) -> None:
+    import os
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           "--fsdp_worker", "--mode", mode]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "4"})
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    for ln in rows:
+        print(ln, flush=True)
+    if r.returncode != 0 or not rows:
+        print(json.dumps({"check": "fsdp_memory", "mode": mode, "error": r.stderr[-2000:]}), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only the tiny fp16 checks")
+    ap.add_argument("--fsdp_worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="logit", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.fsdp_worker:
+        fsdp_worker(1024, a.mode)
+        return
     if not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device"}))
         sys.exit(1)
@@ -139,6 +182,11 @@ def main() -> None:
             for dtype in ("float16", "bfloat16"):
                 for block in (256, 1024):
                     print(json.dumps(check_real_memory(block, dtype, mode)), flush=True)
+    if torch.cuda.device_count() >= 2:
+        for mode in ("xtok", "logit"):
+            check_fsdp(mode)
+    else:
+        print(json.dumps({"check": "fsdp_memory", "skipped": "fewer than 2 GPUs"}), flush=True)
 
 
 if __name__ == "__main__":

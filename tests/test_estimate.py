@@ -201,3 +201,54 @@ def test_cross_tokenizer_logit_loss_counts_both_full_vocabulary_slices():
     hidden = estimate_memory(t, s, mode="hidden", **kw)
     assert xtok["logits"] == 256 * (151936 + 49152) * 16 + 256 * 49152 * 16
     assert xtok["logits"] > hidden["logits"] and xtok["params"]["projection"] == 0
+
+
+def test_fsdp_estimate_shards_the_states_and_adds_the_gathered_units():
+    """--fsdp over N GPUs: weights, gradients and optimizer states / N; the root unit (embeddings, norms,
+    heads) and two of the largest decoder layers held whole, counted from the models' own modules."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sar_kd.estimate import resolve_config
+    from sar_kd.sharding import decoder_layers
+
+    t, s = resolve_config("Qwen/Qwen3-30B-A3B", "teacher"), builtin_config("student")
+    one = estimate_memory(t, s, model_dtype="bfloat16", mode="xtok")
+    four = estimate_memory(t, s, model_dtype="bfloat16", mode="xtok", num_gpus=4, fsdp=True)
+    for k in ("teacher_weights", "student_weights", "gradients", "optimizer_states"):
+        assert abs(four[k] - one[k] / 4) <= 1, k
+    assert four["activations"] == one["activations"] and four["autocast_weight_copies"] == 0
+    sizes = {}
+    for role, conf in (("t", t), ("s", s)):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(conf)
+        layers = decoder_layers(model)
+        assert len(layers) == conf.num_hidden_layers
+        layer = max(sum(p.numel() for p in m.parameters()) for m in layers)
+        sizes[role] = (
+            layer,
+            sum(p.numel() for p in model.parameters()) - sum(p.numel() for m in layers for p in m.parameters()),
+        )
+    (t_layer, t_root), (s_layer, s_root) = sizes["t"], sizes["s"]
+    expected = (t_root + s_root) * 2 + s_root * 4 + 2 * max(t_layer, s_layer) * 2 + s_layer * 4
+    assert four["gathered_units"] == expected
+    assert 20 * GB < four["total_bytes"] < 24 * GB  # the README's "4 GPUs of 24 GB" row
+    # DDP (no --fsdp) on 4 GPUs holds everything on each
+    assert estimate_memory(t, s, model_dtype="bfloat16", mode="xtok", num_gpus=4)["total_bytes"] == one["total_bytes"]
+
+
+def test_vendored_big_teachers_have_their_published_sizes(capsys):
+    from sar_kd.estimate import BIG_TEACHERS, estimate_main, resolve_config
+
+    published = {
+        "allenai/OLMoE-1B-7B-0924": 6.92e9,
+        "Qwen/Qwen3-30B-A3B": 30.53e9,
+        "mistralai/Mixtral-8x7B-v0.1": 46.70e9,
+    }
+    for name in BIG_TEACHERS:
+        assert abs(count_model(resolve_config(name, "teacher")).params / published[name] - 1) < 0.005, name
+    assert estimate_main(["--fsdp_table", "--model_dtype", "bfloat16"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| ") and " B) |" in r]
+    assert len(rows) == 4 and "Qwen/Qwen3-30B-A3B" in rows[2]
+    with pytest.raises(ConfigError, match="--num_gpus 2 or more"):
+        estimate_main(["--fsdp"])

@@ -207,6 +207,14 @@ def resume_mismatches(path: Path, cfg: TrainConfig, num_processes: int) -> list[
         lookahead = c.get("router_objective") == "lookahead" and c.get("lookahead_quiz") == "holdout"
         return c.get("lookahead_holdout_percentage") if lookahead else None
 
+    # --streaming (absent in older checkpoints: off) and its shuffle buffer decide the block order; the
+    # streamed validation hold-out is checked against the saved stream state when it is restored
+    if bool(old.get("streaming")) != bool(new["streaming"]):
+        diffs.append(f"streaming {json.dumps(bool(old.get('streaming')))} -> {json.dumps(new['streaming'])}")
+    elif new["streaming"] and old.get("shuffle_buffer_size") != new["shuffle_buffer_size"]:
+        diffs.append(f"shuffle_buffer_size {json.dumps(old.get('shuffle_buffer_size'))} -> {new['shuffle_buffer_size']}")
+    if bool(old.get("fsdp")) != bool(new["fsdp"]):  # the training state is stored differently
+        diffs.append(f"fsdp {json.dumps(bool(old.get('fsdp')))} -> {json.dumps(new['fsdp'])}")
     if holdout(old) != holdout(new):  # the quiz split changes which blocks the data position counts
         diffs.append(f"lookahead holdout split {holdout(old)} -> {holdout(new)}")
     saved_world = state.get("num_processes")  # absent in checkpoints of older versions
@@ -234,22 +242,27 @@ def save_checkpoint(
     state: dict[str, Any],
     write_files: Callable[[Path], None],
     save_total_limit: int | None,
+    save_state: Callable[[Path], None] | None = None,
 ) -> Path:
     """OUTPUT/checkpoint-STEP, written to ``checkpoint-STEP.tmp`` and renamed (so a run killed mid-save
     leaves the previous checkpoint intact).
 
     Holds accelerate's training state (``state/``: trainable weights, optimizer, scheduler, scaler,
-    RNG), whatever ``write_files(dir)`` writes (the outputs and run config) and ``trainer_state.json``
-    (``state`` plus ``step`` and the number of processes). Collective: every process calls it."""
+    RNG; or what ``save_state(dir)`` writes there, for a sharded run), whatever ``write_files(dir)``
+    writes (the outputs and run config; called on every process) and ``trainer_state.json`` (``state``
+    plus ``step`` and the number of processes). Collective: every process calls it."""
     is_main = accelerator.is_main_process
     final = Path(output_dir) / f"checkpoint-{step}"
     tmp = final.with_name(final.name + ".tmp")
     if is_main and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "state"))
+    if save_state is None:
+        accelerator.save_state(str(tmp / "state"))
+    else:
+        save_state(tmp / "state")
+    write_files(tmp)
     if is_main:
-        write_files(tmp)
         full = {"step": step, **state, "num_processes": accelerator.num_processes}
         (tmp / TRAINER_STATE).write_text(json.dumps(full))
         if final.exists():
@@ -268,9 +281,13 @@ def prune_checkpoints(out: Path, limit: int | None) -> None:
         shutil.rmtree(old)
 
 
-def load_checkpoint(accelerator, path: Path) -> dict[str, Any]:
-    """Restore accelerate's training state from ``path``; return its ``trainer_state.json``."""
-    accelerator.load_state(str(path / "state"))
+def load_checkpoint(accelerator, path: Path, load_state: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Restore accelerate's training state from ``path`` (or ``load_state(path / "state")`` for a
+    sharded run); return its ``trainer_state.json``."""
+    if load_state is None:
+        accelerator.load_state(str(path / "state"))
+    else:
+        load_state(path / "state")
     return json.loads((path / TRAINER_STATE).read_text())
 
 

@@ -50,6 +50,13 @@ class TrainConfig:
         choices=MODEL_DTYPES,
     )
     cpu: bool = _f(False, "Run on the CPU even if a GPU is available.")
+    fsdp: bool = _f(
+        False,
+        "Shard the teacher and the student over the processes with FSDP2 (every decoder layer a unit; "
+        "frozen teacher weights sharded, its routers trained inside their units) instead of replicating "
+        "both models (DDP). Launch with torchrun or accelerate launch, 2+ processes; also on when "
+        "accelerate launch runs with an FSDP config.",
+    )
     trust_remote_code: bool = _f(False, "Allow model repositories with custom code.")
 
     # Data
@@ -63,6 +70,21 @@ class TrainConfig:
     )
     block_size: int = _f(1024, "Tokens per training block (text is packed, no padding).")
     max_train_samples: int | None = _f(None, "Cap on training documents (for quick runs).")
+    streaming: bool = _f(
+        False,
+        "Read the data as a `datasets` IterableDataset and pack blocks on the fly (the same blocks), so memory "
+        "does not grow with the corpus; hub datasets and local files alike. Validation: the first "
+        "--eval_max_batches x --per_device_batch_size blocks of the validation split/file, or else of the "
+        "training stream (held out from training). See docs/data.md.",
+    )
+    shuffle_buffer_size: int = _f(
+        1000,
+        "--streaming: blocks in the shuffle buffer each block is drawn from (1 keeps the stream's order); "
+        "restored exactly on resume.",
+    )
+    preprocessing_num_workers: int | None = _f(
+        None, "Without --streaming: processes tokenising the data (datasets.map; the result is cached)."
+    )
 
     # Optimisation
     train_steps: int = _f(1000, "Number of optimizer updates (not micro-batches).")
@@ -113,6 +135,13 @@ class TrainConfig:
         "(cheaper, chosen experts only; a biased gradient, see docs), dense (soft mixture of all experts "
         "while training), native (the model as is; top-1 renormalised routing then gives no gradient).",
         choices=ROUTER_GRAD_MODES,
+    )
+    router_grad_samples: int = _f(
+        -1,
+        "straight_through: unchosen experts sampled per token for the router gradient (an unbiased "
+        "estimate of the all-experts gradient at (top_k + M)/E of its expert compute; see "
+        "docs/router_gradient.md). 0 = every expert; -1 = auto: every expert for teachers of at most 8 "
+        "experts, else 8.",
     )
     router_objective: str = _f(
         "joint",
@@ -353,6 +382,15 @@ def validate_config(cfg: TrainConfig) -> None:
     ):
         need(getattr(cfg, name) >= 0, f"--{name} must be >= 0 (got {getattr(cfg, name)})")
     need(cfg.save_steps >= 0, f"--save_steps must be >= 0 (got {cfg.save_steps})")
+    need(
+        not (cfg.fsdp and cfg.router_objective == "lookahead"),
+        "--fsdp does not support --router_objective lookahead (its quiz gradient and forward-mode pass "
+        "need whole student weights); use DDP (no --fsdp) or --router_objective joint",
+    )
+    need(
+        not (cfg.fsdp and cfg.model_dtype == "float16"),
+        "--fsdp with --model_dtype float16 would need a sharded gradient scaler; use --model_dtype bfloat16",
+    )
     need(cfg.logging_steps > 0, f"--logging_steps must be > 0 (got {cfg.logging_steps})")
     need(cfg.temperature > 0, f"--temperature must be > 0 (got {cfg.temperature})")
     need(cfg.alpha_kd + cfg.alpha_ce > 0, "--alpha_kd and --alpha_ce are both 0: the student has nothing to learn")
@@ -369,7 +407,37 @@ def validate_config(cfg: TrainConfig) -> None:
         f"--validation_split_percentage must be in [0, 100) (got {cfg.validation_split_percentage})",
     )
     need(cfg.router_grad in ROUTER_GRAD_MODES, f"--router_grad must be one of {ROUTER_GRAD_MODES}")
+    need(cfg.router_grad_samples >= -1, f"--router_grad_samples must be >= -1 (got {cfg.router_grad_samples})")
+    need(
+        cfg.router_grad_samples <= 0 or cfg.router_grad == "straight_through",
+        f"--router_grad_samples {cfg.router_grad_samples} needs --router_grad straight_through",
+    )
     need(cfg.dual_loss in DUAL_LOSSES, f"--dual_loss must be one of {DUAL_LOSSES}")
+    need(cfg.shuffle_buffer_size >= 1, f"--shuffle_buffer_size must be >= 1 (got {cfg.shuffle_buffer_size})")
+    need(
+        cfg.preprocessing_num_workers is None or cfg.preprocessing_num_workers >= 1,
+        f"--preprocessing_num_workers must be >= 1 (got {cfg.preprocessing_num_workers})",
+    )
+    if cfg.streaming:
+        need(
+            cfg.preprocessing_num_workers is None,
+            "--preprocessing_num_workers applies without --streaming (streamed text is tokenised as it is read)",
+        )
+        need(
+            not cfg.eval_steps or cfg.eval_max_batches is not None,
+            "--streaming needs --eval_max_batches when evaluating (validation reads that many batches, never the "
+            "whole split)",
+        )
+        need(
+            cfg.validation_split_percentage == TrainConfig.__dataclass_fields__["validation_split_percentage"].default,
+            "--validation_split_percentage needs the corpus size, which --streaming does not read: without a "
+            "validation split the first --eval_max_batches x --per_device_batch_size blocks are held out",
+        )
+        need(
+            not (cfg.router_objective == "lookahead" and cfg.lookahead_quiz == "holdout"),
+            "--lookahead_quiz holdout is not supported with --streaming (it holds out a percentage of the "
+            "corpus); use --lookahead_quiz next",
+        )
     for name in ("lookahead_weight", "router_kl_weight"):
         need(getattr(cfg, name) >= 0, f"--{name} must be >= 0 (got {getattr(cfg, name)})")
     need(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -69,6 +70,204 @@ def load_texts(cfg: TrainConfig) -> tuple[list[str], list[str] | None]:
     return train, val
 
 
+# ---------------------------------------------------------------- documents through `datasets`
+# Hub datasets and local files both go through `datasets`: a Dataset (Arrow, cached, tokenised once
+# with ``Dataset.map``) or, with --streaming, an IterableDataset read as it is needed.
+
+
+STREAM_CHUNK_BYTES = 1 << 20
+
+
+def _load(cfg: TrainConfig, path: str | None, streaming: bool):
+    """The 'train' split of the hub dataset (``path`` None) or the local file ``path``: a (streaming)
+    dataset of rows; ConfigError when it cannot be read."""
+    import datasets
+
+    what = f"dataset {cfg.dataset_name!r} ({cfg.dataset_config_name})" if path is None else path
+    with quiet_datasets(f"cannot load {what}" if path is None else f"cannot read {path}", root_cause=path is not None):
+        if path is None:
+            return datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, streaming=streaming)
+        builder = "text" if Path(path).suffix == ".txt" else "json"
+        # streamed: read 1 MiB at a time (the builders' default, 10 MiB, would be most of a small run's data memory)
+        kw = {"chunksize": STREAM_CHUNK_BYTES} if streaming else {}
+        return datasets.load_dataset(builder, data_files={"train": path}, split="train", streaming=streaming, **kw)
+
+
+@contextlib.contextmanager
+def quiet_datasets(what: str, root_cause: bool = True):
+    """`datasets`' own error logging off; an error becomes one ConfigError line (naming its root cause)."""
+    log = logging.getLogger("datasets")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except ConfigError:
+        raise
+    except Exception as e:
+        root = e
+        while root_cause and (root.__cause__ is not None or root.__context__ is not None):
+            root = root.__cause__ or root.__context__
+        first = str(root).splitlines()[0] if str(root) else ""
+        raise ConfigError(f"{what}: {type(root).__name__}: {first}") from e
+    finally:
+        log.setLevel(level)
+
+
+def text_datasets(cfg: TrainConfig, streaming: bool = False):
+    """``(train, validation or None)`` rows as `datasets` datasets (IterableDatasets when ``streaming``),
+    capped by --max_train_samples. Local .txt files are read by `datasets`' text builder."""
+    if cfg.train_file is not None:
+        train = _load(cfg, cfg.train_file, streaming)
+        val = _load(cfg, cfg.validation_file, streaming) if cfg.validation_file else None
+    else:
+        dsd = _load(cfg, None, streaming)
+        if "train" not in dsd:
+            raise ConfigError(f"dataset {cfg.dataset_name!r} has no 'train' split (splits: {list(dsd)})")
+        train = dsd["train"]
+        val_split = next((s for s in ("validation", "valid", "test") if s in dsd), None)
+        val = dsd[val_split] if val_split else None
+    hub = f"dataset {cfg.dataset_name!r}"
+    for ds, name in ((train, cfg.train_file or hub), (val, cfg.validation_file or f"{hub} (validation)")):
+        cols = None if ds is None else ds.column_names  # (unknown for some streamed sources: checked when read)
+        if cols is not None and cfg.text_column not in cols:
+            raise ConfigError(f"{name} has no {cfg.text_column!r} column (columns: {cols}); set --text_column")
+    if cfg.max_train_samples is not None:
+        train = (
+            train.take(cfg.max_train_samples)
+            if streaming
+            else train.select(range(min(cfg.max_train_samples, len(train))))
+        )
+    return train, val
+
+
+def split_lines_of(cfg: TrainConfig) -> bool:
+    """Whether rows are lines of a local .txt file, split again as ``str.splitlines`` does (`datasets`
+    splits at "\\n" only), so the documents are exactly those of :func:`load_texts`."""
+    return cfg.train_file is not None and Path(cfg.train_file).suffix == ".txt"
+
+
+def row_documents(rows: list, column: str, split_lines: bool) -> list[str]:
+    """The documents of a batch of ``column`` values (a ConfigError for a value that is not text)."""
+    for v in rows:
+        if not isinstance(v, str):
+            raise ConfigError(f"a row's {column!r} is {type(v).__name__}, not text; set --text_column")
+    return list(chain.from_iterable(v.splitlines() for v in rows)) if split_lines else rows
+
+
+def _tokenize_rows(batch: dict, column: str, split_lines: bool, toks: dict, offsets: bool) -> dict:
+    """``Dataset.map`` function: one output row per non-empty document (its stream piece, as by
+    :func:`as_stream`): ``n_chars``, ``blank`` and, per tokenizer, ``{name}_ids`` (+ ``{name}_offsets``,
+    flattened start, end pairs)."""
+    pieces = as_stream(row_documents(batch[column], column, split_lines))
+    out: dict[str, list] = {"n_chars": [len(p) for p in pieces], "blank": [not p.strip() for p in pieces]}
+    for name, tok in toks.items():
+        enc = tok(pieces, add_special_tokens=False, return_offsets_mapping=offsets) if pieces else {}
+        if not pieces:
+            enc = {"input_ids": [], "offset_mapping": []}
+        out[f"{name}_ids"] = enc["input_ids"]
+        if offsets:
+            out[f"{name}_offsets"] = [list(chain.from_iterable(o)) for o in enc["offset_mapping"]]
+    return out
+
+
+_TOKENIZER_HASHES: dict[int, tuple[object, str]] = {}  # id -> (tokenizer, hash), the latest few
+
+
+def _tokenizer_hash(tok) -> str:
+    """A hash of everything that decides the tokenizer's output (the fast tokenizer's full definition)."""
+    import hashlib
+
+    known = _TOKENIZER_HASHES.get(id(tok))
+    if known is not None and known[0] is tok:
+        return known[1]
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        h = hashlib.sha256(backend.to_str().encode()).hexdigest()
+    else:
+        from datasets.fingerprint import Hasher
+
+        h = Hasher.hash(tok)
+    while len(_TOKENIZER_HASHES) >= 4:  # (the latest run's tokenizers only: each entry keeps its tokenizer alive)
+        del _TOKENIZER_HASHES[next(iter(_TOKENIZER_HASHES))]
+    _TOKENIZER_HASHES[id(tok)] = (tok, h)
+    return h
+
+
+def tokenized_dataset(ds, cfg: TrainConfig, toks: dict, offsets: bool):
+    """``ds`` tokenised by ``Dataset.map`` (batched, --preprocessing_num_workers processes), cached by
+    `datasets` next to the dataset's Arrow files under a fingerprint of the data, the tokenizers and
+    this function: a second start, or a resume, reads the cache instead of tokenising again."""
+    from datasets.fingerprint import Hasher
+
+    split = split_lines_of(cfg)
+    fp = Hasher.hash(
+        ("sar_kd.tokenize.v1", ds._fingerprint, cfg.text_column, split, offsets,
+         sorted((n, _tokenizer_hash(t)) for n, t in toks.items()))
+    )  # fmt: skip
+    fn_kwargs = {"column": cfg.text_column, "split_lines": split, "toks": toks, "offsets": offsets}
+    return ds.map(
+        _tokenize_rows,
+        batched=True,
+        batch_size=1000,
+        fn_kwargs=fn_kwargs,
+        remove_columns=ds.column_names,
+        num_proc=cfg.preprocessing_num_workers,
+        new_fingerprint=fp,
+        desc="tokenising",
+    )
+
+
+def _flat(ds, column: str, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """(all values of a list column concatenated, each row's length) from the Arrow table, no Python lists."""
+    import pyarrow as pa
+
+    col = ds.data.column(column)
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    values = arr.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    if not values.flags.writeable:  # a view of the Arrow buffer: torch wants its own
+        values = values.copy()
+    return values, arr.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _check_text(tok, role: str) -> None:
+    import pyarrow.compute as pc
+
+    if len(tok) == 0 or pc.all(tok.data.column("blank")).as_py():
+        raise ConfigError(f"the {role} data is empty: no text found")
+
+
+def load_blocks(cfg: TrainConfig, mode: str, teacher_tok, student_tok) -> tuple[dict, dict | None]:
+    """Training and validation blocks (validation None when the source has none), exactly those of
+    :func:`logit_blocks` / :func:`pack_dual_blocks` on :func:`load_texts`' documents, tokenised through
+    the `datasets` cache (see :func:`tokenized_dataset`)."""
+    train_ds, val_ds = text_datasets(cfg)
+
+    def blocks(ds, role: str) -> dict:
+        if mode == "logit":
+            tok = tokenized_dataset(ds, cfg, {"teacher": teacher_tok}, offsets=False)
+            _check_text(tok, role)
+            ids = torch.from_numpy(_flat(tok, "teacher_ids")[0])
+            n = len(ids) // cfg.block_size
+            ids = ids[: n * cfg.block_size].view(n, cfg.block_size)
+            count = torch.full((n,), cfg.block_size - 1, dtype=torch.long)
+            return {"input_ids": ids, "n_kd": count, "n_ce": count.clone(), "n_tce": count.clone()}
+        tok = tokenized_dataset(ds, cfg, {"student": student_tok, "teacher": teacher_tok}, offsets=True)
+        _check_text(tok, role)
+        pieces = as_stream(row_documents(ds[cfg.text_column], cfg.text_column, split_lines_of(cfg)))
+        stream = "".join(pieces)
+        starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
+        sides = {}
+        for side in ("student", "teacher"):
+            ids, lens = _flat(tok, f"{side}_ids")
+            off = _flat(tok, f"{side}_offsets")[0].reshape(-1, 2) + np.repeat(starts, lens)[:, None]
+            sides[side] = _Tokens(ids, off)
+        return pack_dual_tokens(stream, sides, student_tok, teacher_tok, cfg.block_size)
+
+    return blocks(train_ds, "training"), (blocks(val_ds, "validation") if val_ds is not None else None)
+
+
 def as_stream(texts: list[str]) -> list[str]:
     """Documents as pieces of one continuous text: each ends with a newline, empty ones dropped."""
     return [t if t.endswith("\n") else t + "\n" for t in texts if t]
@@ -131,17 +330,30 @@ class _Tokens:
         return pos, count[first]
 
 
-def _tokenize_stream(tok, pieces: list[str], batch_docs: int = 1000) -> _Tokens:
-    """The stream tokenised document by document (as in logit mode), offsets in stream characters."""
-    starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
-    ids, offsets = [], []
+def _tokens(ids_lists, offset_lists, starts) -> _Tokens:
+    """Per-document token ids and offsets (relative to each document) as one :class:`_Tokens` whose
+    offsets count from the stream's origin; ``starts``: each document's first character."""
+    lens = [len(e) for e in ids_lists]
+    total = sum(lens)
+    ids = np.fromiter(chain.from_iterable(ids_lists), dtype=np.int64, count=total)
+    off = np.fromiter(chain.from_iterable(chain.from_iterable(offset_lists)), dtype=np.int64, count=2 * total)
+    off = off.reshape(-1, 2) + np.repeat(np.asarray(starts, dtype=np.int64), lens)[:, None]
+    return _Tokens(ids, off)
+
+
+def _tokenize_stream(tok, pieces: list[str], batch_docs: int = 1000, origin: int = 0) -> _Tokens:
+    """The stream tokenised document by document (as in logit mode), offsets in stream characters
+    (the first piece starting at ``origin``)."""
+    starts = np.cumsum([origin] + [len(p) for p in pieces[:-1]])
+    parts = [_Tokens(np.zeros(0, dtype=np.int64), np.zeros((0, 2), dtype=np.int64))]
     for i in range(0, len(pieces), batch_docs):
         enc = tok(pieces[i : i + batch_docs], add_special_tokens=False, return_offsets_mapping=True)
-        lens = [len(e) for e in enc["input_ids"]]
-        ids.append(np.fromiter(chain.from_iterable(enc["input_ids"]), dtype=np.int64, count=sum(lens)))
-        off = np.array(list(chain.from_iterable(enc["offset_mapping"])), dtype=np.int64).reshape(-1, 2)
-        offsets.append(off + np.repeat(starts[i : i + batch_docs], lens)[:, None])
-    return _Tokens(np.concatenate(ids), np.concatenate(offsets))
+        parts.append(_tokens(enc["input_ids"], enc["offset_mapping"], starts[i : i + batch_docs]))
+    return _concat_tokens(parts)
+
+
+def _concat_tokens(parts: list[_Tokens]) -> _Tokens:
+    return _Tokens(np.concatenate([p.ids for p in parts]), np.concatenate([p.offsets for p in parts]))
 
 
 def _pieces_that_fit(text: str, student_tok, teacher_tok, block_size: int) -> list[tuple]:
@@ -188,17 +400,41 @@ def pack_dual_blocks(
     counts ``n_kd`` (aligned student tokens), ``n_ce`` (student labels), ``n_tce`` (teacher labels).
     Padding is masked everywhere.
     """
-    from .alignment import overlap_alignment
-
     pieces = as_stream(texts)
     stream = "".join(pieces)
     if not stream.strip():
         return {}
     sides = {"student": _tokenize_stream(student_tok, pieces), "teacher": _tokenize_stream(teacher_tok, pieces)}
+    return pack_dual_tokens(stream, sides, student_tok, teacher_tok, block_size, rows_per_fill)
+
+
+def pack_dual_tokens(
+    stream: str, sides: dict[str, _Tokens], student_tok, teacher_tok, block_size: int, rows_per_fill: int = 2048
+) -> dict[str, torch.Tensor]:
+    """:func:`pack_dual_blocks` of a stream already tokenised document by document (both sides)."""
+    rows, own, _ = _dual_rows(stream, sides, student_tok, teacher_tok, block_size, final=True)
+    return _dual_fill(rows, own, sides, student_tok, teacher_tok, block_size, rows_per_fill)
+
+
+def _common_cuts(sides: dict[str, _Tokens]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(character positions, student token counts, teacher token counts) of the clean cuts both share."""
     (s_pos, s_cnt), (t_pos, t_cnt) = sides["student"].cuts(), sides["teacher"].cuts()
     pos, i_s, i_t = np.intersect1d(s_pos, t_pos, assume_unique=True, return_indices=True)
-    cs, ct = s_cnt[i_s], t_cnt[i_t]
-    if pos[-1] != len(stream):  # trailing text without tokens: the end of the stream is a clean cut too
+    return pos, s_cnt[i_s], t_cnt[i_t]
+
+
+def _dual_rows(stream: str, sides: dict[str, _Tokens], student_tok, teacher_tok, block_size: int, final: bool):
+    """The greedy cut of ``stream`` into blocks: ``(rows, own, k)``.
+
+    ``rows``: (first char, student token range, teacher token range) per block; ``own``: row -> its own
+    tokenisation (fallback pieces). With ``final`` False the stream is the start of a longer one (it ends
+    at a document boundary, later documents follow): the cut stops where the decision could depend on
+    text not seen yet, i.e. where the last common cut is not more than ``block_size`` tokens ahead on
+    both sides, and ``k`` is the common cut the rest starts at (an index into :func:`_common_cuts`).
+    Up to there the rows are those of the whole stream: the cuts of a prefix ending at a document
+    boundary are the whole stream's cuts up to it."""
+    pos, cs, ct = _common_cuts(sides)
+    if final and pos[-1] != len(stream):  # trailing text without tokens: the end of the stream is a clean cut too
         pos = np.append(pos, len(stream))
         cs, ct = np.append(cs, len(sides["student"].ids)), np.append(ct, len(sides["teacher"].ids))
 
@@ -207,6 +443,8 @@ def pack_dual_blocks(
     own: dict[int, tuple] = {}  # row -> its own tokenisation (fallback pieces)
     k, last = 0, len(pos) - 1
     while k < last:
+        if not final and (cs[last] <= cs[k] + block_size or ct[last] <= ct[k] + block_size):
+            break
         j = min(np.searchsorted(cs, cs[k] + block_size, "right"), np.searchsorted(ct, ct[k] + block_size, "right")) - 1
         if j > k:
             rows.append((int(pos[k]), int(cs[k]), int(cs[j]), int(ct[k]), int(ct[j])))
@@ -220,8 +458,18 @@ def pack_dual_blocks(
             rows.append((a, 0, 0, 0, 0))
             a += n_chars
         k += 1
+    return rows, own, (int(pos[k]), int(cs[k]), int(ct[k]))
+
+
+def _dual_fill(
+    rows, own, sides: dict[str, _Tokens], student_tok, teacher_tok, block_size: int, rows_per_fill: int = 2048
+) -> dict[str, torch.Tensor]:
+    """The block tensors of :func:`_dual_rows`'s rows (empty blocks dropped; {} when none is left)."""
+    from .alignment import overlap_alignment
 
     n = len(rows)
+    if n == 0:
+        return {}
     out = {}
     for side, tok in (("student", student_tok), ("teacher", teacher_tok)):
         out[f"{side}_ids"] = torch.full((n, block_size), _pad_id(tok), dtype=torch.long)
@@ -237,10 +485,12 @@ def pack_dual_blocks(
             valid = idx < t[:, col + 1, None]
             idx = idx.clamp(max=max(len(ids) - 1, 0))
             sl = slice(lo, lo + len(t))
-            out[f"{side}_ids"][sl] = torch.where(valid, ids[idx], out[f"{side}_ids"][sl])
+            if len(ids):
+                out[f"{side}_ids"][sl] = torch.where(valid, ids[idx], out[f"{side}_ids"][sl])
             out[f"{side}_mask"][sl] = valid.long()
-            rel = (offsets[idx] - t[:, 0, None, None]).masked_fill(~valid[..., None], 0)
-            out[f"{side}_offsets"][sl] = rel.to(torch.int32)
+            if len(ids):
+                rel = (offsets[idx] - t[:, 0, None, None]).masked_fill(~valid[..., None], 0)
+                out[f"{side}_offsets"][sl] = rel.to(torch.int32)
     for r, encs in own.items():
         for side, (ids, off) in zip(("student", "teacher"), encs):
             out[f"{side}_ids"][r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -334,6 +584,25 @@ class BatchStream:
         sel = order[self.state.position * self.batch_size : (self.state.position + 1) * self.batch_size]
         self.state.position += 1
         return {k: v[sel] for k, v in self.blocks.items()}
+
+    def peek(self) -> dict[str, torch.Tensor]:
+        """The next micro-batch, without consuming it."""
+        state = StreamState(self.state.epoch, self.state.position)
+        batch = next(self)
+        self.state = state
+        return batch
+
+    # checkpoints: the position is all there is (the blocks are rebuilt at every start)
+    def checkpoint_state(self) -> dict:
+        return {"epoch": self.state.epoch, "position": self.state.position}
+
+    def save_files(self, where) -> None:
+        pass
+
+    def restore(self, saved: dict, path) -> None:
+        if saved.get("streaming"):
+            raise ConfigError(f"--resume_from_checkpoint {path}: written with --streaming; resume with it")
+        self.state = StreamState(saved["epoch"], saved["position"])
 
 
 def eval_batches(blocks: dict[str, torch.Tensor], batch_size: int, max_batches: int | None):

@@ -30,25 +30,41 @@ GPU_SIZES_GB = (6, 8, 12, 16, 24, 40, 80)
 TABLE_BLOCKS = (256, 512, 1024, 2048)
 
 
-def builtin_config(role: str):
-    """The vendored config of the default teacher or student (works offline)."""
+# Big MoE teachers people distil from, vendored (config.json only) so that the estimate answers
+# "which GPUs do I need" offline: hub id -> folder in sar_kd/assets/configs.
+VENDORED = {
+    DEFAULT_TEACHER: "huihui-moe-1b-a0.6b",
+    DEFAULT_STUDENT: "smollm-135m",
+    "allenai/OLMoE-1B-7B-0924": "olmoe-1b-7b",
+    "Qwen/Qwen3-30B-A3B": "qwen3-30b-a3b",
+    "mistralai/Mixtral-8x7B-v0.1": "mixtral-8x7b",
+}
+BIG_TEACHERS = ("allenai/OLMoE-1B-7B-0924", "Qwen/Qwen3-30B-A3B", "mistralai/Mixtral-8x7B-v0.1")
+
+
+def _vendored_config(folder: str):
     from transformers import AutoConfig
 
-    folder, _ = BUILTIN[role]
     path = resources.files("sar_kd.assets").joinpath("configs").joinpath(folder)
     with resources.as_file(path) as p:
         return AutoConfig.from_pretrained(str(p))
 
 
+def builtin_config(role: str):
+    """The vendored config of the default teacher or student (works offline)."""
+    return _vendored_config(BUILTIN[role][0])
+
+
 def resolve_config(name: str, role: str):
-    """A model config from a local dir or hub id; the default pair's hub ids use the vendored copy (no network)."""
+    """A model config from a local dir or hub id; vendored hub ids (the default pair, :data:`BIG_TEACHERS`)
+    use the bundled copy (no network)."""
     import sys
 
     from .loading import load_config
 
-    if name == BUILTIN[role][1]:
+    if name in VENDORED:
         print(f"{role} {name}: using the bundled config (sar_kd/assets/configs, no download)", file=sys.stderr)
-        return builtin_config(role)
+        return _vendored_config(VENDORED[name])
     return load_config(name, role)
 
 
@@ -61,6 +77,8 @@ class ModelCounts:
     layer_elements: float  # elements the largest decoder layer keeps per token for its backward (training forward)
     vocab: int
     all_layer_elements: float = 0.0  # the same, summed over all decoder layers (dense and MoE layers differ)
+    max_layer_params: int = 0  # parameters of the largest decoder layer (one FSDP unit)
+    root_params: int = 0  # parameters outside the decoder layers (embeddings, final norm, LM head)
 
 
 @dataclass
@@ -112,10 +130,11 @@ def _layer_elements(conf, mlp: LayerMLP, experts_run: int | None = None) -> floa
     return float(attn + ffn)
 
 
-def count_model(conf, all_experts: bool = False) -> ModelCounts:
+def count_model(conf, all_experts: bool = False, samples: int = 0) -> ModelCounts:
     """Parameter and activation counts of a causal LM config, built on the meta device.
 
-    ``all_experts``: every expert runs for every token (``straight_through``/``dense`` training)."""
+    ``all_experts``: every expert runs for every token (``straight_through``/``dense`` training);
+    ``samples`` (``--router_grad_samples``, -1 auto): with it, only top_k + M experts do."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -124,6 +143,9 @@ def count_model(conf, all_experts: bool = False) -> ModelCounts:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(conf)
     params = sum(p.numel() for p in model.parameters())
+    from .sharding import decoder_layers
+
+    layer_sizes = [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
     try:
         routers = find_routers(model)
         router_params = sum(p.numel() for r in routers for p in r.module.parameters(recurse=False))
@@ -132,6 +154,12 @@ def count_model(conf, all_experts: bool = False) -> ModelCounts:
         router_params, moe = 0, False
     # the training forward of the teacher: every expert runs with the default router gradient
     run = num_experts_of(conf) if (moe and all_experts) else None
+    if run and samples:  # the sampled all-experts gradient: the chosen experts and M others
+        from .router_grad import resolve_samples
+
+        k = getattr(conf, "num_experts_per_tok", 1) or 1
+        m = resolve_samples(samples, run, k)
+        run = k + m if m else run
     per_layer = [_layer_elements(conf, mlp, run) for mlp in layer_mlps(conf)]
     return ModelCounts(
         params=params,
@@ -141,6 +169,8 @@ def count_model(conf, all_experts: bool = False) -> ModelCounts:
         layer_elements=max(per_layer),
         vocab=conf.vocab_size,
         all_layer_elements=sum(per_layer),
+        max_layer_params=max(layer_sizes, default=0),
+        root_params=params - sum(layer_sizes),
     )
 
 
@@ -157,11 +187,20 @@ def estimate_memory(
     cuda: bool = True,
     router_grad: str = "straight_through",
     router_teacher_ce_weight: float = 0.0,
+    router_grad_samples: int = -1,
+    num_gpus: int = 1,
+    fsdp: bool = False,
 ) -> dict[str, Any]:
-    """Peak memory (bytes) of one training step, by component; ``total_bytes`` is their sum.
+    """Peak memory (bytes) of one training step on one GPU, by component; ``total_bytes`` is their sum.
 
-    ``router_teacher_ce_weight`` > 0 runs the teacher's LM head in hidden (dual-tokenizer) mode too."""
-    t = count_model(teacher_conf, all_experts=router_grad in ("straight_through", "dense"))
+    ``router_teacher_ce_weight`` > 0 runs the teacher's LM head in hidden (dual-tokenizer) mode too.
+    ``fsdp`` over ``num_gpus``: weights, gradients and optimizer states are divided by ``num_gpus``;
+    ``gathered_units`` adds what FSDP2 holds whole for a while: the root unit (embeddings, norms,
+    LM heads, projection) for the whole step with its unsharded gradient, and two decoder layers
+    (the one running and the one prefetched) of the larger model with a layer's gradient. Without
+    ``fsdp`` every GPU holds both models whole (DDP), whatever ``num_gpus``."""
+    samples = router_grad_samples if router_grad == "straight_through" else 0
+    t = count_model(teacher_conf, all_experts=router_grad in ("straight_through", "dense"), samples=samples)
     s = count_model(student_conf)
     if t.router_params == 0:
         raise ConfigError("the teacher config has no MoE routers: SAR-KD needs an MoE teacher")
@@ -171,12 +210,19 @@ def estimate_memory(
     trainable = s.params + t.router_params + proj
     tokens = batch_size * block_size
     out: dict[str, Any] = {}
-    out["teacher_weights"] = (t.params - t.router_params) * wb + t.router_params * 4
-    out["student_weights"] = s.params * 4 + proj * 4
-    # autocast keeps a half copy of each fp32 weight it multiplies, for the whole forward
-    out["autocast_weight_copies"] = s.params * 2 if half else 0
-    out["gradients"] = trainable * 4
-    out["optimizer_states"] = trainable * 8  # AdamW exp_avg + exp_avg_sq, fp32
+    n = num_gpus if fsdp else 1
+    out["teacher_weights"] = ((t.params - t.router_params) * wb + t.router_params * 4) / n
+    out["student_weights"] = (s.params * 4 + proj * 4) / n
+    # autocast keeps a half copy of each fp32 weight it multiplies, for the whole forward (FSDP
+    # gathers the student in the compute dtype instead: no copies)
+    out["autocast_weight_copies"] = s.params * 2 if half and not fsdp else 0
+    out["gradients"] = trainable * 4 / n
+    out["optimizer_states"] = trainable * 8 / n  # AdamW exp_avg + exp_avg_sq, fp32
+    if fsdp:
+        gb = wb  # parameters are gathered in the compute dtype
+        root = (t.root_params + s.root_params + proj) * gb + (s.root_params + proj) * 4
+        layers = 2 * max(t.max_layer_params, s.max_layer_params) * gb + s.max_layer_params * 4
+        out["gathered_units"] = root + layers
     act_b = wb
     if gradient_checkpointing:
         kept = tokens * (t.layers * t.hidden + s.layers * s.hidden) * act_b
@@ -214,6 +260,9 @@ def estimate_memory(
         "kd_chunk_size": kd_chunk_size,
         "router_grad": router_grad,
         "router_teacher_ce_weight": router_teacher_ce_weight,
+        "router_grad_samples": router_grad_samples,
+        "num_gpus": num_gpus,
+        "fsdp": fsdp,
     }
     return out
 
@@ -235,7 +284,8 @@ def format_estimate(est: dict[str, Any], gpu_bytes: int | None = None) -> str:
     st = est["settings"]
     lines = [
         f"SAR-KD memory estimate ({st['mode']} mode, {st['model_dtype']}, block {st['block_size']}, "
-        f"batch {st['per_device_batch_size']}, checkpointing {'on' if st['gradient_checkpointing'] else 'off'})"
+        f"batch {st['per_device_batch_size']}, checkpointing {'on' if st['gradient_checkpointing'] else 'off'}"
+        + (f", FSDP over {st['num_gpus']} GPUs, per GPU)" if st.get("fsdp") else ")")
     ]
     for k, v in est.items():
         if isinstance(v, int) and k != "total_bytes" and v:
@@ -283,6 +333,33 @@ def memory_table(teacher_conf, student_conf, mode: str = "hidden") -> str:
     return "\n".join(rows)
 
 
+FSDP_GPUS = (1, 2, 4, 8)
+
+
+def fsdp_table(teachers: dict[str, Any], student_conf, block_size: int = 1024, model_dtype: str = "bfloat16") -> str:
+    """Markdown table: per teacher, the per-GPU memory of a run on 1 GPU (or DDP) and with --fsdp over
+    2/4/8 GPUs, and the fewest GPUs of 24/40/80 GB that hold it (batch 1, checkpointing on, the
+    default router gradient: every expert for 8 or fewer experts, else the sampled estimator)."""
+    head = "| teacher (params) | " + " | ".join("1 GPU" if n == 1 else f"FSDP {n}" for n in FSDP_GPUS) + " |"
+    head += " fewest GPUs: 24 / 40 / 80 GB |"
+    rows = [head, "|---|" + "---:|" * len(FSDP_GPUS) + "---|"]
+    for name, conf in teachers.items():
+        mode = "logit" if conf.vocab_size == student_conf.vocab_size else "xtok"
+        need = {
+            n: estimate_memory(conf, student_conf, model_dtype=model_dtype, block_size=block_size, mode=mode,
+                               num_gpus=n, fsdp=n > 1)["total_bytes"]  # fmt: skip
+            for n in FSDP_GPUS
+        }
+        params = count_model(conf).params
+        fewest = []
+        for gb in (24, 40, 80):
+            fits = [n for n in FSDP_GPUS if need[n] <= gb * GB]
+            fewest.append(str(min(fits)) if fits else f"> {FSDP_GPUS[-1]}")
+        cells = " | ".join(f"{need[n] / GB:.1f} GB" for n in FSDP_GPUS)
+        rows.append(f"| {name} ({params / 1e9:.1f} B) | {cells} | {' / '.join(fewest)} |")
+    return "\n".join(rows)
+
+
 def estimate_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="sar-kd estimate",
@@ -310,22 +387,43 @@ def estimate_main(argv: list[str] | None = None) -> int:
         help="as for training: straight_through and dense run every expert while training",
     )
     p.add_argument(
+        "--router_grad_samples",
+        type=int,
+        default=-1,
+        help="as for training: straight_through runs top_k + M experts per token instead of all (-1: auto)",
+    )
+    p.add_argument(
         "--router_teacher_ce_weight",
         type=float,
         default=0.0,
         help="as for training: > 0 runs the teacher's LM head in dual-tokenizer mode too",
     )
+    p.add_argument("--num_gpus", type=int, default=1, help="GPUs the run uses (with --fsdp: shards over them).")
+    p.add_argument("--fsdp", action="store_true", help="as for training: FSDP2 shards both models over --num_gpus")
+    p.add_argument(
+        "--fsdp_table",
+        action="store_true",
+        help="Print the README table of per-GPU memory on 1-8 GPUs for the vendored big teachers "
+        "(OLMoE-1B-7B, Qwen3-30B-A3B, Mixtral-8x7B) and --teacher_model, with --student_model.",
+    )
     p.add_argument("--gpu_memory", default=None, help="Give a verdict for this GPU size, e.g. 16GB.")
     p.add_argument("--json", action="store_true", help="Print one JSON object (with total_bytes).")
     p.add_argument("--table", action="store_true", help="Print the README table of block sizes per GPU size.")
     a = p.parse_args(argv)
-    if a.block_size <= 0 or a.per_device_batch_size <= 0:
-        raise ConfigError("--block_size and --per_device_batch_size must be > 0")
+    if a.block_size <= 0 or a.per_device_batch_size <= 0 or a.num_gpus <= 0:
+        raise ConfigError("--block_size, --per_device_batch_size and --num_gpus must be > 0")
+    if a.fsdp and a.num_gpus < 2:
+        raise ConfigError("--fsdp shards over processes: give --num_gpus 2 or more")
     t_conf = resolve_config(a.teacher_model, "teacher")
     s_conf = resolve_config(a.student_model, "student")
     mode = a.mode if a.mode != "auto" else ("logit" if t_conf.vocab_size == s_conf.vocab_size else "xtok")
     if a.table:
         print(memory_table(t_conf, s_conf, mode))
+        return 0
+    if a.fsdp_table:
+        names = (a.teacher_model, *(n for n in BIG_TEACHERS if n != a.teacher_model))
+        teachers = {n: t_conf if n == a.teacher_model else resolve_config(n, "teacher") for n in names}
+        print(fsdp_table(teachers, s_conf, a.block_size, a.model_dtype))
         return 0
     gpu = parse_size(a.gpu_memory) if a.gpu_memory else None
     est = estimate_memory(
@@ -339,6 +437,9 @@ def estimate_main(argv: list[str] | None = None) -> int:
         kd_chunk_size=a.kd_chunk_size,
         router_grad=a.router_grad,
         router_teacher_ce_weight=a.router_teacher_ce_weight,
+        router_grad_samples=a.router_grad_samples,
+        num_gpus=a.num_gpus,
+        fsdp=a.fsdp,
     )
     if a.json:
         if gpu is not None:

@@ -105,6 +105,7 @@ class SARKDModel(nn.Module):
         # lookahead: the quiz gradient g_q by student parameter name, set before each optimizer step
         self.direction: dict[str, torch.Tensor] | None = None
         controller.record_inputs = weights.router_kl_weight > 0 and weights.train_router
+        controller.anchors = self._anchors
 
     @property
     def mode(self) -> str:
@@ -130,7 +131,7 @@ class SARKDModel(nn.Module):
         controller's gradient mode is on; with a frozen router (or in evaluation) the forward is
         the native one, without autograd."""
         ctl = self.controller
-        ctl.records = []
+        ctl.records, ctl.anchor_terms = [], []
         ctl.recording = True
         learn = self.training and self.weights.train_router and torch.is_grad_enabled()
         # left set after the forward: checkpointed teacher layers recompute it in the backward pass
@@ -169,7 +170,9 @@ class SARKDModel(nn.Module):
         if not (w.train_router and records):  # a frozen router (or no teacher pass): nothing to regularise
             zero = torch.zeros((), device=next(self.student.parameters()).device)
             return {"router_loss": zero, **dict.fromkeys(names, zero)}
-        anchor = losses.router_anchor(self.router_params, self._anchors())
+        anchor = self.controller.pop_anchor()  # read inside the routers' forward (see RouterController)
+        if anchor is None:
+            anchor = losses.router_anchor(self.router_params, self._anchors())
         entropy = losses.router_entropy(records, token_mask)
         balance = losses.router_load_balance(records, token_mask)
         kl = anchor * 0.0

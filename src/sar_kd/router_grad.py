@@ -18,6 +18,9 @@ The **dense relaxation** ``q(z)`` is the same function with every expert chosen 
 
 * ``straight_through``: forward weights = the native ones (zero for unchosen experts), backward
   ``∂L/∂z = J_q(z)ᵀ v`` with ``v_i = ⟨∂L/∂y, expert_i(x)⟩`` for **every** expert i;
+* ``straight_through`` with ``M`` sampled experts (``--router_grad_samples``): the chosen experts plus
+  M of the others drawn per token (weight 0 in the forward), and a backward that is an unbiased
+  estimate of the all-experts one, ``J_qᵀ û`` with a baseline (:func:`sampled_straight_through_weights`);
 * ``straight_through_topk``: only the chosen experts; ``∂L/∂z = Σ_{i∈S} v_i · w_i · ∂log p_i/∂z``;
 * ``dense``: forward and backward of ``q(z)`` (a different forward while training).
 
@@ -177,3 +180,176 @@ def _reproduces(out, spec: RoutingSpec) -> bool:
     w = native_weights(out[0], out[2], spec)
     tol = 1e-2 if out[1].dtype in (torch.float16, torch.bfloat16) else 1e-4
     return bool(torch.allclose(w, out[1].float(), rtol=tol, atol=tol * 1e-2))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampled all-experts straight-through (``--router_grad_samples M``)
+# ---------------------------------------------------------------------------------------------------
+
+# ``--router_grad_samples -1`` (auto): every expert when the teacher has at most this many ...
+AUTO_ALL_EXPERTS_MAX = 8
+# ... else this many sampled experts per token besides the chosen ones (bench/bench_router_samples.py)
+AUTO_SAMPLES = 8
+BASELINES = ("shrunk", "mean", "top", "none")
+
+
+def resolve_samples(samples: int, num_experts: int, top_k: int) -> int:
+    """How many extra experts per token the sampled estimator runs; 0 means every expert.
+
+    ``samples`` -1 (auto): 0 when ``num_experts <= AUTO_ALL_EXPERTS_MAX``, else ``AUTO_SAMPLES``.
+    A value with ``top_k + samples >= num_experts`` is 0 too (all experts is then no dearer).
+    """
+    if samples < 0:
+        samples = 0 if num_experts <= AUTO_ALL_EXPERTS_MAX else AUTO_SAMPLES
+    return 0 if samples >= num_experts - top_k else int(samples)
+
+
+def inclusion_probabilities(r: torch.Tensor, m: int) -> torch.Tensor:
+    """Inclusion probabilities of a size-``m`` sample proportional to ``r``, capped at 1.
+
+    r (T, R) positive proposal weights, ``m <= R``. Returns π (T, R) float64 with ``Σ_i π_i = m`` and
+    ``π_i = min(1, λ r_i)`` (λ per row): the items whose ``λ r_i`` would exceed 1 are taken with
+    certainty and the remaining ``m − #capped`` draws are spread over the others in proportion to r.
+    The capped set only grows, so ``min(m, R)`` rounds reach the fixed point (no host sync).
+    """
+    r = r.double()
+    capped = torch.zeros_like(r, dtype=torch.bool)
+    pi = r * (m / r.sum(-1, keepdim=True))
+    for _ in range(min(m, r.shape[-1])):
+        capped = capped | (pi >= 1)
+        left = m - capped.sum(-1, keepdim=True)
+        mass = (r * ~capped).sum(-1, keepdim=True).clamp(min=1e-300)
+        pi = torch.where(capped, torch.ones_like(r), r * (left / mass))
+    return pi.clamp(max=1.0)
+
+
+def systematic_sample(pi: torch.Tensor, m: int) -> torch.Tensor:
+    """Systematic πps sampling: ``m`` distinct positions per row, position i included with probability π_i.
+
+    pi (T, R) with rows summing to m and entries in [0, 1]. One uniform U per row (torch's global RNG
+    on pi's device, so a checkpointed recompute, which restores the RNG state, draws the same sample);
+    the points ``U, U+1, ..., U+m−1`` fall into the intervals ``[C_{i−1}, C_i)`` of the cumulative sums
+    C of π, and an interval of length π_i ≤ 1 receives one point with probability exactly π_i.
+    Returns (T, m) int64 positions into the R columns.
+    """
+    c = pi.double().cumsum(-1)
+    c = c * (m / c[:, -1:].clamp(min=1e-300))  # exact total m despite rounding
+    u = torch.rand(pi.shape[0], 1, device=pi.device, dtype=torch.float64)
+    points = u + torch.arange(m, device=pi.device, dtype=torch.float64)
+    return torch.searchsorted(c, points, right=True).clamp(max=pi.shape[-1] - 1)
+
+
+def sample_other_experts(z: torch.Tensor, indices: torch.Tensor, m: int, spec: RoutingSpec, mix: float = 0.1):
+    """Draw ``m`` of the ``E − k`` unchosen experts per token, without replacement.
+
+    Proposal over the unchosen set R: ``r_i = (1 − mix) · d_i / Σ_{j∈R} d_j + mix / |R|`` with ``d`` the
+    routing distribution (:func:`routing_distribution`), so likely experts, whose ``∇q_i`` is large,
+    are drawn more often and every expert keeps at least ``mix·m/|R|`` inclusion probability (the
+    importance weights ``1/π_i`` are bounded by ``|R|/(mix·m)``). The sampled term's variance is about
+    ``Σ_{i∈R} (1/π_i − 1) (v_i − b)² ‖∇q_i‖²`` with ``‖∇q_i‖ ∝ q_i``, smallest for π ∝ q: measured on
+    64 experts top-8, mix 0.1 costs 2–10 % more variance than mix 0 and mix 0.5 20–110 % more.
+    The sample is systematic πps with the exact inclusion probabilities of
+    :func:`inclusion_probabilities`.
+
+    z (T, E) logits, indices (T, k) distinct chosen experts. Returns ``(sampled (T, m) int64 expert
+    ids, inv_prob (T, m) fp32 = 1/π of each)``.
+    """
+    t, e = z.shape
+    k = indices.shape[-1]
+    with torch.no_grad():
+        rest_mask = torch.ones(t, e, dtype=torch.bool, device=z.device).scatter(-1, indices, False)
+        # (T, R) unchosen expert ids, ascending (a stable sort, not nonzero(): no host sync on a GPU)
+        rest = torch.sort(rest_mask.to(torch.uint8), dim=-1, descending=True, stable=True).indices[:, : e - k]
+        d = routing_distribution(z.detach(), spec).gather(-1, rest)
+        r = (1 - mix) * d / d.sum(-1, keepdim=True).clamp(min=1e-30) + mix / (e - k)
+        pi = inclusion_probabilities(r, m)
+        pos = systematic_sample(pi, m)
+        return rest.gather(-1, pos), (1.0 / pi.gather(-1, pos)).float()
+
+
+def baseline_coefficients(scores: torch.Tensor, baseline: str = "shrunk") -> torch.Tensor:
+    """β (T, k), detached: the per-token baseline is ``b = Σ_{j∈S} β_j v_j``.
+
+    ``mean``: the native-weighted mean of the chosen experts' v (``β = w / Σ w``); ``shrunk``: that
+    mean times ``λ = 1 / (1 + Σ_j β_j²)`` (k/(k+1) for equal weights, ½ for top-1); ``top``: v of the
+    chosen expert with the largest weight; ``none``: b = 0.
+
+    Why shrink: with the experts' v of variance σ² and correlation ρ across experts, an unchosen
+    expert's ``Var(v_i − λ·mean) = σ² (1 − 2λρ + λ² (Σβ² + ρ (1 − Σβ²)))``; λ = 1 doubles the variance
+    of a top-1 router's sampled term when ρ = 0 and only helps when ρ > ½, λ = 0 never helps. The λ
+    above is the best one at ρ = ½: at ρ = 0 it costs a factor ``1 + Σβ²/(1 + Σβ²)² ≤ 1.25`` and it
+    keeps most of the gain when the experts share a common part (measured: docs/router_gradient.md).
+    """
+    w = scores.detach().float()
+    if baseline in ("mean", "shrunk"):
+        beta = w / w.sum(-1, keepdim=True).clamp(min=1e-30)
+        return beta if baseline == "mean" else beta / (1 + beta.pow(2).sum(-1, keepdim=True))
+    if baseline == "top":
+        return torch.zeros_like(w).scatter(-1, w.argmax(-1, keepdim=True), 1.0)
+    if baseline == "none":
+        return torch.zeros_like(w)
+    raise ValueError(f"baseline must be one of {BASELINES}, not {baseline!r}")
+
+
+def sampled_straight_through_weights(
+    z: torch.Tensor,
+    scores: torch.Tensor,
+    indices: torch.Tensor,
+    sampled: torch.Tensor,
+    inv_prob: torch.Tensor,
+    spec: RoutingSpec,
+    baseline: str = "shrunk",
+) -> torch.Tensor:
+    """Sampled all-experts straight-through weights: forward == native, backward unbiased for ``J_qᵀ v``.
+
+    z (T, E) logits; scores, indices (T, k) the model's own weights and chosen experts; sampled,
+    inv_prob (T, m) from :func:`sample_other_experts`. Returns (T, k + m) fp32 for the experts
+    ``cat(indices, sampled)``: the native weights for the chosen ones, exactly 0 for the sampled ones.
+
+    The backward receives ``v_i = ⟨∂L/∂y, expert_i(x)⟩`` for those k + m columns and gives
+    ``∂L/∂z = J_qᵀ û`` with, per token, ``b = Σ_{j∈S} β_j v_j`` (:func:`baseline_coefficients`) and
+
+        û_i = v_i                      i ∈ S (chosen, exact)
+        û_i = b + (v_i − b) / π_i      i sampled
+        û_i = b                        otherwise
+
+    i.e. ``J_qᵀ û = Σ_{i∈S} (v_i − b) ∇q_i + Σ_{i sampled} (v_i − b)/π_i ∇q_i + b ∇(Σ_i q_i)``.
+    Unbiased: ``E[1{i sampled}/π_i] = 1`` and b does not depend on the sample, so
+    ``E[J_qᵀ û] = J_qᵀ (v − b·1) + b ∇(Σ_i q_i) = J_qᵀ v`` for any b. For softmax (renormalised or
+    not) and renormalised sigmoid routers ``Σ_i q_i`` is a constant (1 or the scale), so the last term
+    vanishes and subtracting b from every expert only removes what the experts share, which lowers
+    the variance of the sampled part; for a plain sigmoid router ``b ∇(Σ_i q_i) = b · scale · σ'(z)``
+    (elementwise), an exact term that needs no expert output, and is kept.
+
+    Written as a straight-through expression (no custom Function), with β, 1/π detached:
+    chosen column j: ``q_j + β_j (Σ_i q_i − Σ_{l∈S} q_l − Σ_{l sampled} q_l/π_l)``; sampled column i:
+    ``q_i/π_i``; each plus the native weight minus its own detached value.
+    """
+    q = dense_weights(z, spec)
+    total = q.sum(-1, keepdim=True)
+    q_chosen = q.gather(-1, indices)
+    q_sampled = q.gather(-1, sampled) * inv_prob
+    beta = baseline_coefficients(scores, baseline)
+    rest = total - q_chosen.sum(-1, keepdim=True) - q_sampled.sum(-1, keepdim=True)
+    f = torch.cat([q_chosen + beta * rest, q_sampled], -1)
+    native = torch.cat([scores.detach().float(), torch.zeros_like(q_sampled)], -1)
+    return native + (f - f.detach())
+
+
+def sampled_all_experts_gradient(
+    z: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, sampled: torch.Tensor, inv_prob: torch.Tensor,
+    scores: torch.Tensor, spec: RoutingSpec, baseline: str = "shrunk",
+) -> torch.Tensor:  # fmt: skip
+    """The estimator in closed form, from every expert's v: ∂L/∂z (T, E) = ``J_qᵀ û`` (see above).
+
+    z, v (T, E); indices, scores (T, k); sampled, inv_prob (T, m). For tests and benchmarks: the
+    training path never has the unsampled experts' v.
+    """
+    b = (baseline_coefficients(scores, baseline) * v.gather(-1, indices)).sum(-1, keepdim=True)
+    u = b.expand_as(v).clone()
+    u.scatter_(-1, indices, v.gather(-1, indices))
+    u.scatter_add_(-1, sampled, (v.gather(-1, sampled) - b) * inv_prob)
+    zz = z.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(dense_weights(zz, spec), zz, u)
+    return g

@@ -14,7 +14,9 @@ routers, renormalised or not, with a scaling factor):
 * ``straight_through`` (default): every expert is evaluated, the forward weights are the native
   ones (bit-identical output) and the backward pass sees the dense relaxation's gradient for
   *every* expert: the first-order effect of moving routing mass toward each expert. Costs all
-  experts' compute while training.
+  experts' compute while training. With ``samples`` M > 0 (``--router_grad_samples``; auto for
+  teachers of more than 8 experts) only the chosen experts and M sampled others run, and the backward
+  is an unbiased estimate of the all-experts one.
 * ``straight_through_topk``: only the chosen experts run; the backward sees ``∂w_i = w_i · ∂log p_i``.
   Cheap, but it only tells whether the chosen expert's output should be scaled up or down, not
   whether another expert would do better: measured on the demo teacher, training the routers on
@@ -39,7 +41,10 @@ from .router_grad import (
     RoutingSpec,
     dense_weights,
     infer_routing_spec,
+    resolve_samples,
     routing_distribution,
+    sample_other_experts,
+    sampled_straight_through_weights,
     straight_through_weights,
     topk_straight_through_weights,
 )
@@ -268,15 +273,32 @@ class RouterController:
     renormalised or not, times a constant: :func:`infer_routing_spec`); each router is probed once
     here and refused with a :class:`ConfigError` otherwise. In ``native`` mode a router whose
     layout is not understood is still recorded when it returns plain logits.
+
+    ``samples`` (``straight_through`` only): unchosen experts sampled per token for the all-experts
+    gradient (:func:`~sar_kd.router_grad.sampled_straight_through_weights`); 0 = every expert, -1 =
+    auto (:func:`~sar_kd.router_grad.resolve_samples`). ``self.samples`` holds each router's resolved M.
     """
 
-    def __init__(self, routers: list[RouterInfo], mode: str = "straight_through") -> None:
+    def __init__(self, routers: list[RouterInfo], mode: str = "straight_through", samples: int = 0) -> None:
         self.routers = routers
         self.mode = mode
+        self.samples: dict[int, int] = {
+            id(r.module): resolve_samples(samples, r.num_experts, r.top_k) if mode == "straight_through" else 0
+            for r in routers
+        }
+        self.baseline = "shrunk"  # of the sampled estimator (router_grad.BASELINES; benchmarks vary it)
         self.active = False
         self.recording = False
         self.record_inputs = False  # keep each router's input (the routing-KL trust region needs it)
         self.records: list[RouterRecord] = []
+        # The L2 anchor: ``anchors()`` gives the initial value of each router parameter by name; while
+        # recording an active forward, each router adds Σ‖θ − θ₀‖² of its own parameters, read from the
+        # module at call time (so FSDP's gathered parameters, not its shards, carry the gradient).
+        self.anchors = None
+        self.anchor_terms: list[torch.Tensor] = []
+        self._param_names = {
+            id(r.module): [(n[len(r.name) + 1 :] if r.name else n, n) for n in r.param_names] for r in routers
+        }
         self.specs: dict[int, RoutingSpec | None] = {}
         for r in routers:
             weight = next(p for p in r.module.parameters())
@@ -295,6 +317,15 @@ class RouterController:
         kinds = sorted({s.describe() for s in self.specs.values() if s is not None})
         if kinds:
             logger.info("routing function: %s", "; ".join(kinds))
+        if mode == "straight_through":
+            per = sorted({(r.num_experts, r.top_k, self.samples[id(r.module)]) for r in routers})
+            logger.info(
+                "router gradient: %s",
+                "; ".join(
+                    f"{e} experts top-{k}: " + (f"chosen + {m} sampled experts per token" if m else "every expert")
+                    for e, k, m in per
+                ),
+            )
         self._handles = [r.module.register_forward_hook(self._hook) for r in routers]
 
     def remove(self) -> None:
@@ -304,6 +335,12 @@ class RouterController:
 
     def _hook(self, module: nn.Module, args, output):
         spec = self.specs.get(id(module))
+        if self.active and self.anchors is not None:
+            # also in a checkpointed layer's recomputation, which must save the same tensors
+            initial = self.anchors()
+            term = sum(((module.get_parameter(rel).float() - initial[n]) ** 2).sum() for rel, n in self._param_names[id(module)])
+            if self.recording:
+                self.anchor_terms.append(term)
         if isinstance(output, torch.Tensor):
             logits, scores, indices = output, None, None
         elif spec is not None:
@@ -330,6 +367,11 @@ class RouterController:
         all_idx = torch.arange(logits.shape[-1], device=logits.device).expand(logits.shape[0], -1)
         if self.mode == "dense":  # every expert, weighted by the native function with k = E
             weights = dense_weights(logits, spec)
+        elif (m := self.samples.get(id(module), 0)) and m < logits.shape[-1] - indices.shape[-1]:
+            # straight_through, sampled: chosen + m other experts, an unbiased estimate of the backward below
+            sampled, inv_prob = sample_other_experts(logits.detach(), indices, m, spec)
+            weights = sampled_straight_through_weights(logits, scores, indices, sampled, inv_prob, spec, self.baseline)
+            return (logits, weights.to(scores.dtype), torch.cat([indices, sampled], -1), *output[3:])
         else:  # straight_through: native forward, the dense relaxation's backward for every expert
             weights = straight_through_weights(logits, scores, indices, spec)
         return (logits, weights.to(scores.dtype), all_idx, *output[3:])
@@ -337,6 +379,11 @@ class RouterController:
     def pop_records(self) -> list[RouterRecord]:
         records, self.records = self.records, []
         return records
+
+    def pop_anchor(self) -> torch.Tensor | None:
+        """Σ‖θ − θ₀‖² over the routers of the last recorded active forward (None when none was)."""
+        terms, self.anchor_terms = self.anchor_terms, []
+        return sum(terms) if terms else None
 
 
 def apply_router_update(model: nn.Module, update: dict[str, torch.Tensor], patterns: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,8 @@ class Trainer:
             )
         if cfg.model_dtype == "bfloat16" and use_cuda and not torch.cuda.is_bf16_supported():
             raise ConfigError("--model_dtype bfloat16 is not supported by this GPU; use --model_dtype float16")
+        if not cfg.fsdp and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
+            cfg.fsdp = True  # accelerate launch with an FSDP config: shard with FSDP2 (our own units)
         mp = {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}[cfg.model_dtype]
         log_with = None
         if cfg.report_to != "none":
@@ -95,6 +98,11 @@ class Trainer:
             mixed_precision=mp, cpu=cfg.cpu or not use_cuda, log_with=log_with, project_dir=cfg.output_dir
         )
         self.is_main = self.accelerator.is_main_process
+        if cfg.fsdp and self.accelerator.num_processes < 2:
+            raise ConfigError(
+                "--fsdp shards the models over processes but this run has one: launch with "
+                "torchrun --nproc_per_node N or accelerate launch --num_processes N (N >= 2), or drop --fsdp"
+            )
         set_seed(cfg.seed)
 
     def _setup_tokenizers_and_mode(self) -> None:
@@ -164,7 +172,9 @@ class Trainer:
                 "so the routers receive NO gradient from the distillation loss (only from the regularisers). "
                 "Use --router_grad straight_through (default) or dense. !!!"
             )
-        controller = routers.RouterController(found, cfg.router_grad if train_router else "native")
+        controller = routers.RouterController(
+            found, cfg.router_grad if train_router else "native", samples=cfg.router_grad_samples
+        )
         if cfg.gradient_checkpointing:
             enable_checkpointing(student)
             enable_checkpointing(teacher)
@@ -232,38 +242,28 @@ class Trainer:
             vocab_map=vocab_map,
             mode=self.mode,
         )
-        self.model.to(self.accelerator.device)
+        if not cfg.fsdp:  # FSDP moves each unit's shard to the device as it shards it (never the whole model)
+            self.model.to(self.accelerator.device)
 
     def _setup_data(self) -> None:
         cfg = self.cfg
-        train_texts, val_texts = data.load_texts(cfg)
-        if not any(t.strip() for t in train_texts):
-            raise ConfigError("the training data is empty: no text found")
-
-        def blocks(texts):
-            if self.mode == "logit":
-                return data.logit_blocks(texts, self.teacher_tok, cfg.block_size)
-            return data.pack_dual_blocks(texts, self.student_tok, self.teacher_tok, cfg.block_size)
-
-        train = blocks(train_texts)
+        if cfg.streaming:
+            return self._setup_streamed_data()
+        # tokenised through the `datasets` cache (one process fills it, the others read it)
+        with self.accelerator.main_process_first():
+            train, val = data.load_blocks(cfg, self.mode, self.teacher_tok, self.student_tok)
         if not train or data.num_blocks(train) == 0:
             raise ConfigError(
                 f"the training data holds fewer than --block_size {cfg.block_size} tokens: "
                 "give more text or a smaller block size"
             )
-        if val_texts is not None:
-            val = blocks(val_texts)
+        if val is not None:
             if not val or data.num_blocks(val) == 0:
                 raise ConfigError(f"the validation data holds fewer than --block_size {cfg.block_size} tokens")
         else:
             train, val = data.split_validation(train, cfg.validation_split_percentage)
         if self.mode == "dual":
-            cov = data.alignment_coverage(train)
-            util = float(train["student_mask"].float().mean()), float(train["teacher_mask"].float().mean())
-            self._log(
-                f"dual-tokenizer blocks: alignment coverage {cov:.4f}, "
-                f"block fill {util[0]:.1%} (student) / {util[1]:.1%} (teacher)"
-            )
+            self._log_dual_blocks(train, "")
         if self.model.weights.lookahead and cfg.lookahead_quiz == "holdout":
             train, self.quiz_blocks = data.split_validation(train, cfg.lookahead_holdout_percentage)
         self.train_blocks, self.val_blocks = train, val
@@ -274,11 +274,39 @@ class Trainer:
             f"effective batch {cfg.effective_batch_size * acc.num_processes} blocks per optimizer step"
         )
 
+    def _log_dual_blocks(self, blocks: dict[str, torch.Tensor], which: str) -> None:
+        cov = data.alignment_coverage(blocks)
+        util = float(blocks["student_mask"].float().mean()), float(blocks["teacher_mask"].float().mean())
+        self._log(
+            f"dual-tokenizer blocks{which}: alignment coverage {cov:.4f}, "
+            f"block fill {util[0]:.1%} (student) / {util[1]:.1%} (teacher)"
+        )
+
+    def _setup_streamed_data(self) -> None:
+        """--streaming: blocks packed as the data is read (see sar_kd.streaming); nothing reads the whole corpus."""
+        from . import streaming
+
+        cfg, acc = self.cfg, self.accelerator
+        self.stream, val, held, first = streaming.streaming_data(
+            cfg, self.mode, self.teacher_tok, self.student_tok, acc.process_index, acc.num_processes
+        )
+        if self.mode == "dual":
+            self._log_dual_blocks(first, f" (the first {data.num_blocks(first)} training blocks)")
+        self.train_blocks, self.val_blocks = None, val
+        n_val = data.num_blocks(val) if val else 0
+        self._log(
+            f"data: streamed blocks of {cfg.block_size} tokens, shuffle buffer {cfg.shuffle_buffer_size}; "
+            f"{n_val} validation blocks" + (" (the first of the training stream, held out)" if held else "")
+            + f"; effective batch {cfg.effective_batch_size * acc.num_processes} blocks per optimizer step"
+        )
+
     def _setup_optimizer(self) -> None:
         from transformers import get_scheduler
 
         cfg = self.cfg
         m = self.model
+        if cfg.fsdp:
+            self._shard()
         student_params = [p for p in m.student.parameters() if p.requires_grad]
         groups = [
             {"params": student_params, "lr": cfg.student_lr, "weight_decay": cfg.weight_decay, "name": "student"},
@@ -299,10 +327,29 @@ class Trainer:
             name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.train_steps
         )
         acc = self.accelerator
+        if cfg.fsdp:  # already sharded: accelerate only launches, reduces and autocasts
+            self.ddp_model, self.optimizer, self.scheduler = self.model, optimizer, scheduler
+            return
         # step_scheduler_with_optimizer=False semantics: we step once per optimizer update ourselves.
         acc.step_scheduler_with_optimizer = False
         self.ddp_model, self.optimizer, self.scheduler = acc.prepare(self.model, optimizer, scheduler)
         checkpointing.keep_trainable_only(acc, self.model)
+
+    def _shard(self) -> None:
+        """FSDP2 over both models (:mod:`sar_kd.sharding`); the router parameters are looked up again
+        (sharding replaces every parameter object)."""
+        from . import sharding
+
+        m, cfg = self.model, self.cfg
+        names = list(m.router_params)
+        param_dtype = None if cfg.model_dtype == "float32" else DTYPES[cfg.model_dtype]
+        sharding.shard(m, [m.teacher, m.student], self.accelerator.device.type, param_dtype)
+        teacher_params = dict(m.teacher.named_parameters())
+        m._router_map = {n: teacher_params[n] for n in names}
+        self._log(
+            f"FSDP2: {len(sharding.decoder_layers(m.teacher))} teacher and {len(sharding.decoder_layers(m.student))} "
+            f"student layers sharded over {self.accelerator.num_processes} processes"
+        )
 
     # ------------------------------------------------------------------ train
     def run(self) -> dict[str, Any]:
@@ -327,9 +374,7 @@ class Trainer:
         """The lookahead quiz batch: the stream's next batch, peeked (the student has not trained on it
         yet; the stream is not advanced), or a held-out training slice chosen by the step number."""
         if self.cfg.lookahead_quiz == "next":
-            state = data.StreamState(self.stream.state.epoch, self.stream.state.position)
-            batch = next(self.stream)
-            self.stream.state = state
+            batch = self.stream.peek()
         else:
             n, bs = data.num_blocks(self.quiz_blocks), self.cfg.per_device_batch_size
             rank, world = self.accelerator.process_index, self.accelerator.num_processes
@@ -368,7 +413,9 @@ class Trainer:
             self.model.direction = self._quiz_direction()
         for i, batch in enumerate(window):  # (the teacher forward switches the router gradient mode on)
             sync = i == len(window) - 1
-            ctx = acc.no_sync(self.ddp_model) if not sync else contextlib.nullcontext()
+            if cfg.fsdp:  # FSDP2 has no no_sync context: switch the reduce-scatter off and on
+                self.model.set_requires_gradient_sync(sync)
+            ctx = acc.no_sync(self.ddp_model) if not (sync or cfg.fsdp) else contextlib.nullcontext()
             with ctx:
                 out = self.ddp_model(_model_inputs(batch), norms)
                 acc.backward(out["loss"])
@@ -461,12 +508,13 @@ class Trainer:
         dev = acc.device
         totals = torch.zeros(6, dtype=torch.float64, device=dev)  # NLLs, token counts, entropy sum, router tokens
         counts = torch.zeros(len(self.routers), self.routers[0].num_experts, dtype=torch.float64, device=dev)
-        for i, batch in enumerate(data.eval_batches(self.val_blocks, cfg.per_device_batch_size, cfg.eval_max_batches)):
-            if i % acc.num_processes != acc.process_index:
-                continue
+        batches = data.eval_batches(self.val_blocks, cfg.per_device_batch_size, cfg.eval_max_batches)
+        for batch, counted in _rank_share(batches, acc.process_index, acc.num_processes, cfg.fsdp):
             batch = {k: v.to(dev) for k, v in _model_inputs(batch).items()}
             with acc.autocast():
                 r = m.eval_nll(batch)
+            if not counted:  # FSDP: a repeated pass, so that every process gathers as often as the others
+                continue
             mask = r["token_mask"]
             totals[:4] += torch.stack(
                 [r[k].double() for k in ("student_nll", "student_tokens", "teacher_nll", "teacher_tokens")]
@@ -568,44 +616,70 @@ class Trainer:
         checkpointing.write_run_config(out, self.cfg, self.mode)
 
     def router_update(self) -> dict[str, torch.Tensor]:
-        """The trained router parameters keyed by the teacher's state-dict names (fp32, CPU)."""
-        return {n: p.detach().float().cpu().clone() for n, p in self.model.router_params.items()}
+        """The trained router parameters keyed by the teacher's state-dict names (fp32, CPU).
+        Collective under --fsdp (the shards are gathered)."""
+        from .sharding import full_tensor
+
+        return {n: full_tensor(p.detach()).float().cpu().clone() for n, p in self.model.router_params.items()}
 
     def save_outputs(self, out: Path) -> None:
-        """student/, router_update.pt (and projection.pt in dual mode) into ``out``."""
+        """student/, router_update.pt (and projection.pt in dual mode) into ``out``, written by the main
+        process. Every process calls it (under --fsdp the shards are gathered first)."""
+        from .sharding import full_model_state
+
+        m = self.model
+        sharded = self.cfg.fsdp
+        student_state = full_model_state(m.student) if sharded else None
+        update = self.router_update()
+        projection = None
+        if m.projection is not None:
+            projection = full_model_state(m.projection) if sharded else m.projection.state_dict()
         if not self.is_main:
             return
         out.mkdir(parents=True, exist_ok=True)
         student = self.accelerator.unwrap_model(self.ddp_model).student
-        student.save_pretrained(out / "student")
+        student.save_pretrained(out / "student", state_dict=student_state)
         self.student_tok.save_pretrained(out / "student")
-        torch.save(self.router_update(), out / "router_update.pt")
-        if self.model.projection is not None:
-            torch.save(
-                {"layer_pairs": self.model.layer_pairs, "state_dict": self.model.projection.state_dict()},
-                out / "projection.pt",
-            )
+        torch.save(update, out / "router_update.pt")
+        if projection is not None:
+            torch.save({"layer_pairs": m.layer_pairs, "state_dict": projection}, out / "projection.pt")
 
     def save_checkpoint(self) -> Path:
         """OUTPUT/checkpoint-STEP with the outputs and the full training state, written atomically."""
 
-        def write_files(where: Path) -> None:
+        def write_files(where: Path) -> None:  # every process (a sharded run gathers its outputs)
             self.save_outputs(where)
-            self._write_run_config(where)
+            if self.is_main:
+                self._write_run_config(where)
+                # --streaming: the reader position, shuffle buffer and RNG (the same on every process)
+                self.stream.save_files(where)
 
-        state = {
-            "skipped_steps": self.skipped_steps,
-            "stream": {"epoch": self.stream.state.epoch, "position": self.stream.state.position},
-        }
+        state = {"skipped_steps": self.skipped_steps, "stream": self.stream.checkpoint_state()}
+        save_state = None
+        if self.cfg.fsdp:
+            from . import sharding
+
+            acc = self.accelerator
+
+            def save_state(where: Path) -> None:
+                sharding.save_state(where, self.model, self.optimizer, self.scheduler, acc.process_index, self.is_main)
+
         return checkpointing.save_checkpoint(
-            self.accelerator, self.cfg.output_dir, self.step, state, write_files, self.cfg.save_total_limit
+            self.accelerator, self.cfg.output_dir, self.step, state, write_files, self.cfg.save_total_limit, save_state
         )
 
     def _resume(self, path: Path) -> None:
-        state = checkpointing.load_checkpoint(self.accelerator, path)
+        load_state = None
+        if self.cfg.fsdp:
+            from . import sharding
+
+            def load_state(where: Path) -> None:
+                sharding.load_state(where, self.model, self.optimizer, self.scheduler, self.accelerator.process_index)
+
+        state = checkpointing.load_checkpoint(self.accelerator, path, load_state)
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
-        self.stream.state = data.StreamState(**state["stream"])
+        self.stream.restore(state["stream"], path)
         if self.is_main:
             self.history = checkpointing.drop_later(Path(self.cfg.output_dir), self.step)
         self._log(f"resumed from {path} at step {self.step}")
@@ -621,8 +695,24 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _grad_norm(params) -> float:
+    """The 2-norm of the gradients of ``params`` (whole tensors: a sharded gradient's norm is reduced
+    over the processes, so every process calls it under --fsdp)."""
+    from .sharding import full_tensor
+
     grads = [p.grad for p in params if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    return float(full_tensor(torch.nn.utils.get_total_norm(grads))) if grads else 0.0
+
+
+def _rank_share(batches, rank: int, world: int, pad: bool) -> list[tuple[dict, bool]]:
+    """This process's evaluation batches, ``(batch, counted)``: every ``world``-th one from ``rank``.
+    With ``pad`` (FSDP, whose passes are collective) every process runs as many passes: one short of
+    batches repeats its first (or the first overall) batch, not counted."""
+    batches = list(batches)
+    mine = [(b, True) for b in batches[rank::world]]
+    if pad and batches:
+        filler = (mine[0][0] if mine else batches[0], False)
+        mine += [filler] * (-(-len(batches) // world) - len(mine))
+    return mine
 
 
 def _dual_metrics(sums: dict[str, float], dual_loss: str) -> dict[str, float | None]:
