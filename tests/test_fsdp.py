@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,12 +16,13 @@ from transformers import AutoModelForCausalLM
 from conftest import base_args
 from sar_kd.cli import main
 from sar_kd.config import ConfigError, TrainConfig, validate_config
-from test_distributed import _launch
+from test_distributed import WORKER, _launch
 
 # 4 updates of 2 micro-batches per process (gradient accumulation under FSDP), 3 evaluation batches
 # (an odd number: one process repeats a pass so that both gather as often), a checkpoint at step 2
+# (a strong L2 anchor: under FSDP its gradient is added to the fp32 shards after the backward pass)
 COMMON = dict(train_steps=4, eval_steps=2, eval_max_batches=3, save_steps=2, per_device_batch_size=2,
-              grad_accum_steps=2, cpu=True)  # fmt: skip
+              grad_accum_steps=2, router_anchor_weight=1.0, cpu=True)  # fmt: skip
 
 
 def _rows(out):
@@ -56,6 +60,7 @@ def test_fsdp_trains_like_ddp(runs):
             "loss",
             "kd_loss",
             "ce_loss",
+            "router_anchor",
             "router_grad_norm",
             "student_grad_norm",
             "student_ppl",
@@ -80,6 +85,9 @@ def test_fsdp_keeps_the_frozen_teacher_and_writes_loadable_outputs(runs, tiny_pa
     model = AutoModelForCausalLM.from_pretrained(out / "student")
     for k, v in model.state_dict().items():
         assert torch.equal(v, dumped[f"student.{k}"]), k
+    # the same file as without --fsdp (a tied head written once)
+    files = [load_file(str(runs[r] / "student/model.safetensors")) for r in ("fsdp", "ddp")]
+    assert set(files[0]) == set(files[1])
     assert main(["apply-router", "--teacher_model", tiny_pair["teacher"], "--router_update",
                  str(out / "router_update.pt"), "--output_dir", str(tmp_path / "adapted")]) == 0  # fmt: skip
     adapted = AutoModelForCausalLM.from_pretrained(tmp_path / "adapted").state_dict()
@@ -117,6 +125,12 @@ def test_fsdp_refuses_what_it_cannot_do(tiny_pair, tmp_path):
     ):
         with pytest.raises(ConfigError, match=words):
             validate_config(TrainConfig(fsdp=True, train_file=tiny_pair["train"], **over))
+    # accelerate launch with an FSDP config turns --fsdp on: the same refusals
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+           *base_args(tiny_pair, tmp_path / "env", router_objective="lookahead", cpu=True, train_steps=1)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": "true"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode != 0 and "--fsdp does not support --router_objective lookahead" in r.stderr
     # one process: nothing to shard over
     r = _launch(1, base_args(tiny_pair, tmp_path / "one", fsdp=True, cpu=True, train_steps=1))
     assert r.returncode != 0 and "--fsdp shards the models over processes" in r.stderr
@@ -145,3 +159,19 @@ def test_fsdp_dual_tokenizers_match_ddp(dual_pair, tmp_path):
         for key in ("loss", "kd_loss", "hidden_mse", "xtok_kl", "student_ppl", "teacher_ppl"):
             if key in y:
                 assert abs(x[key] - y[key]) <= 1e-5 * max(1.0, abs(y[key])), (key, x, y)
+
+
+@pytest.mark.slow  # about 1 min on 2 cores
+def test_fsdp_bfloat16_anchor_reads_the_fp32_masters(tiny_pair, tmp_path):
+    """bf16 gathers: a router drift below one bf16 step must still count in the L2 anchor (DDP's value)."""
+    rows = {}
+    for name in ("ddp", "fsdp"):
+        out = tmp_path / name
+        args = base_args(tiny_pair, out, fsdp=name == "fsdp", model_dtype="bfloat16", router_lr=1e-5,
+                         router_anchor_weight=1.0, train_steps=3, eval_steps=0, save_steps=0, cpu=True)  # fmt: skip
+        r = _launch(2, args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows[name] = [x for x in _rows(out) if "loss" in x]
+    for x, y in zip(rows["fsdp"], rows["ddp"]):
+        assert abs(x["router_anchor"] - y["router_anchor"]) <= 0.05 * y["router_anchor"] + 1e-12, (x, y)
+    assert rows["ddp"][-1]["router_anchor"] > 0

@@ -194,7 +194,8 @@ def estimate_memory(
     """Peak memory (bytes) of one training step on one GPU, by component; ``total_bytes`` is their sum.
 
     ``router_teacher_ce_weight`` > 0 runs the teacher's LM head in hidden (dual-tokenizer) mode too.
-    ``fsdp`` over ``num_gpus``: weights, gradients and optimizer states are divided by ``num_gpus``;
+    ``fsdp`` over ``num_gpus``: weights, gradients (reduce-scattered after every micro-batch) and
+    optimizer states are divided by ``num_gpus``;
     ``gathered_units`` adds what FSDP2 holds whole for a while: the root unit (embeddings, norms,
     LM heads, projection) for the whole step with its unsharded gradient, and two decoder layers
     (the one running and the one prefetched) of the larger model with a layer's gradient. Without

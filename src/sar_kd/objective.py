@@ -105,7 +105,9 @@ class SARKDModel(nn.Module):
         # lookahead: the quiz gradient g_q by student parameter name, set before each optimizer step
         self.direction: dict[str, torch.Tensor] | None = None
         controller.record_inputs = weights.router_kl_weight > 0 and weights.train_router
-        controller.anchors = self._anchors
+        # False under FSDP: the trainer adds the anchor's closed-form gradient to the sharded fp32 masters
+        # after the backward pass (the gathered parameters may be bf16 copies)
+        self.anchor_in_loss = True
 
     @property
     def mode(self) -> str:
@@ -131,7 +133,7 @@ class SARKDModel(nn.Module):
         controller's gradient mode is on; with a frozen router (or in evaluation) the forward is
         the native one, without autograd."""
         ctl = self.controller
-        ctl.records, ctl.anchor_terms = [], []
+        ctl.records = []
         ctl.recording = True
         learn = self.training and self.weights.train_router and torch.is_grad_enabled()
         # left set after the forward: checkpointed teacher layers recompute it in the backward pass
@@ -170,9 +172,10 @@ class SARKDModel(nn.Module):
         if not (w.train_router and records):  # a frozen router (or no teacher pass): nothing to regularise
             zero = torch.zeros((), device=next(self.student.parameters()).device)
             return {"router_loss": zero, **dict.fromkeys(names, zero)}
-        anchor = self.controller.pop_anchor()  # read inside the routers' forward (see RouterController)
-        if anchor is None:
+        if self.anchor_in_loss:
             anchor = losses.router_anchor(self.router_params, self._anchors())
+        else:
+            anchor = torch.zeros((), device=records[0].logits.device)
         entropy = losses.router_entropy(records, token_mask)
         balance = losses.router_load_balance(records, token_mask)
         kl = anchor * 0.0

@@ -291,14 +291,6 @@ class RouterController:
         self.recording = False
         self.record_inputs = False  # keep each router's input (the routing-KL trust region needs it)
         self.records: list[RouterRecord] = []
-        # The L2 anchor: ``anchors()`` gives the initial value of each router parameter by name; while
-        # recording an active forward, each router adds Σ‖θ − θ₀‖² of its own parameters, read from the
-        # module at call time (so FSDP's gathered parameters, not its shards, carry the gradient).
-        self.anchors = None
-        self.anchor_terms: list[torch.Tensor] = []
-        self._param_names = {
-            id(r.module): [(n[len(r.name) + 1 :] if r.name else n, n) for n in r.param_names] for r in routers
-        }
         self.specs: dict[int, RoutingSpec | None] = {}
         for r in routers:
             weight = next(p for p in r.module.parameters())
@@ -335,12 +327,6 @@ class RouterController:
 
     def _hook(self, module: nn.Module, args, output):
         spec = self.specs.get(id(module))
-        if self.active and self.anchors is not None:
-            # also in a checkpointed layer's recomputation, which must save the same tensors
-            initial = self.anchors()
-            term = sum(((module.get_parameter(rel).float() - initial[n]) ** 2).sum() for rel, n in self._param_names[id(module)])
-            if self.recording:
-                self.anchor_terms.append(term)
         if isinstance(output, torch.Tensor):
             logits, scores, indices = output, None, None
         elif spec is not None:
@@ -379,11 +365,6 @@ class RouterController:
     def pop_records(self) -> list[RouterRecord]:
         records, self.records = self.records, []
         return records
-
-    def pop_anchor(self) -> torch.Tensor | None:
-        """Σ‖θ − θ₀‖² over the routers of the last recorded active forward (None when none was)."""
-        terms, self.anchor_terms = self.anchor_terms, []
-        return sum(terms) if terms else None
 
 
 def apply_router_update(model: nn.Module, update: dict[str, torch.Tensor], patterns: list[str] | None = None) -> int:

@@ -13,9 +13,13 @@ What is not plain DDP, and handled here:
   gathered (:func:`full_tensor`) to write ``student/`` and ``router_update.pt`` on rank 0;
 * methods other than ``forward`` that read root parameters (evaluation) are registered with
   :func:`register_fsdp_forward_method` so FSDP gathers for them too;
-* checkpoints hold full (unsharded) trainable tensors and optimizer state, written by rank 0
-  (:func:`save_state` / :func:`load_state`), so they are ordinary files whatever the world size
-  and the frozen teacher is never copied into them.
+* the router L2 anchor is applied to the sharded fp32 masters after the backward pass
+  (:func:`add_anchor_gradient`), not through the loss, whose forward sees gathered (maybe bf16) copies;
+* gradients are reduce-scattered after every micro-batch (no whole gradients kept between the
+  micro-batches of an accumulation window);
+* checkpoints hold whole trainable tensors and optimizer state in ordinary files written by rank 0
+  (:func:`save_state` / :func:`load_state`), plus one RNG file per process; the frozen teacher is
+  never copied into them. (Resuming needs the same number of processes, as without FSDP.)
 """
 
 from __future__ import annotations
@@ -75,9 +79,51 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
-def set_requires_gradient_sync(model: nn.Module, sync: bool) -> None:
-    """FSDP2's ``no_sync``: skip the reduce-scatter on the non-final micro-batches of a window."""
-    model.set_requires_gradient_sync(sync)
+def local_shards(params: dict[str, torch.Tensor], whole: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This process's part of each tensor in ``whole``, cut like the parameter of the same name
+    (collective). params: name -> sharded parameter; whole: name -> a tensor of that parameter's shape."""
+    from torch.distributed.tensor import distribute_tensor
+
+    out = {}
+    for n, p in params.items():
+        t = whole[n].to(device=p.device, dtype=torch.float32)
+        out[n] = distribute_tensor(t, p.device_mesh, p.placements).to_local() if is_sharded(p) else t
+    return out
+
+
+def add_anchor_gradient(params: dict[str, torch.Tensor], anchors: dict[str, torch.Tensor], weight: float) -> float:
+    """The L2 anchor ``weight · Σ‖θ − θ₀‖²`` applied to sharded fp32 masters: adds its gradient
+    ``2·weight·(θ − θ₀)`` to each shard's ``.grad`` and returns ``Σ‖θ − θ₀‖²`` over the whole
+    tensors (collective: one all-reduce). ``anchors``: θ₀ cut like ``params`` (:func:`local_shards`).
+
+    Under FSDP the anchor cannot be part of the loss: the forward sees the gathered parameters, which
+    are bf16 copies with ``--model_dtype bfloat16`` (a drift below one bf16 step would vanish)."""
+    import torch.distributed as dist
+
+    total = torch.zeros((), dtype=torch.float32, device=next(iter(anchors.values())).device)
+    with torch.no_grad():
+        for n, p in params.items():
+            local = p.to_local() if is_sharded(p) else p
+            diff = local.float() - anchors[n]
+            total += (diff * diff).sum()
+            if weight > 0 and p.requires_grad:
+                g = (2.0 * weight * diff).to(local.dtype)
+                if p.grad is None:
+                    p.grad = _like(p, g)
+                else:
+                    (p.grad.to_local() if is_sharded(p.grad) else p.grad).add_(g)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return float(total)
+
+
+def _like(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """A gradient for parameter ``p`` from this process's part ``local``."""
+    if not is_sharded(p):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -86,8 +132,16 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """``module``'s whole state dict on the CPU (collective); used to write ``student/`` from rank 0."""
-    return {n: full_tensor(t.detach()).cpu() for n, t in module.state_dict().items()}
+    """``module``'s whole state dict on the CPU (collective); used to write ``student/`` from rank 0.
+
+    Tied weights (one parameter under two names) stay one tensor, so ``save_pretrained`` writes them once."""
+    gathered: dict[int, torch.Tensor] = {}
+    out = {}
+    for n, t in module.state_dict(keep_vars=True).items():
+        if id(t) not in gathered:
+            gathered[id(t)] = full_tensor(t.detach()).cpu()
+        out[n] = gathered[id(t)]
+    return out
 
 
 def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

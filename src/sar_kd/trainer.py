@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import checkpointing, data, losses, routers
-from .config import ConfigError, TrainConfig, parse_layer_pairs
+from .config import ConfigError, TrainConfig, parse_layer_pairs, validate_config
 from .heads import OutputHead, check_head
 from .loading import (
     DTYPES,
@@ -79,6 +79,7 @@ class Trainer:
             raise ConfigError("--model_dtype bfloat16 is not supported by this GPU; use --model_dtype float16")
         if not cfg.fsdp and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true"):
             cfg.fsdp = True  # accelerate launch with an FSDP config: shard with FSDP2 (our own units)
+            validate_config(cfg)  # what --fsdp cannot do is refused here too
         mp = {"float32": "no", "float16": "fp16", "bfloat16": "bf16"}[cfg.model_dtype]
         log_with = None
         if cfg.report_to != "none":
@@ -327,7 +328,7 @@ class Trainer:
             name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.train_steps
         )
         acc = self.accelerator
-        if cfg.fsdp:  # already sharded: accelerate only launches, reduces and autocasts
+        if cfg.fsdp:  # already sharded: accelerate only launches, reduces and autocasts (no prepare)
             self.ddp_model, self.optimizer, self.scheduler = self.model, optimizer, scheduler
             return
         # step_scheduler_with_optimizer=False semantics: we step once per optimizer update ourselves.
@@ -346,6 +347,8 @@ class Trainer:
         sharding.shard(m, [m.teacher, m.student], self.accelerator.device.type, param_dtype)
         teacher_params = dict(m.teacher.named_parameters())
         m._router_map = {n: teacher_params[n] for n in names}
+        m.anchor_in_loss = False  # applied after the backward pass to the fp32 shards (see train_step)
+        self._anchor_shards = sharding.local_shards(m.router_params, m._anchors())
         self._log(
             f"FSDP2: {len(sharding.decoder_layers(m.teacher))} teacher and {len(sharding.decoder_layers(m.student))} "
             f"student layers sharded over {self.accelerator.num_processes} processes"
@@ -413,9 +416,10 @@ class Trainer:
             self.model.direction = self._quiz_direction()
         for i, batch in enumerate(window):  # (the teacher forward switches the router gradient mode on)
             sync = i == len(window) - 1
-            if cfg.fsdp:  # FSDP2 has no no_sync context: switch the reduce-scatter off and on
-                self.model.set_requires_gradient_sync(sync)
-            ctx = acc.no_sync(self.ddp_model) if not (sync or cfg.fsdp) else contextlib.nullcontext()
+            if cfg.fsdp:  # reduce-scatter after every micro-batch (memory stays sharded); DDP's autocast
+                ctx = acc.autocast()
+            else:
+                ctx = acc.no_sync(self.ddp_model) if not sync else contextlib.nullcontext()
             with ctx:
                 out = self.ddp_model(_model_inputs(batch), norms)
                 acc.backward(out["loss"])
@@ -424,6 +428,12 @@ class Trainer:
                     sums[k] += float(out[k])
             for k in reg:
                 reg[k] += float(out[k]) / len(window)
+        if cfg.fsdp and self.model.weights.train_router:  # the anchor, on the sharded fp32 masters
+            from .sharding import add_anchor_gradient
+
+            reg["router_anchor"] = add_anchor_gradient(
+                self.model.router_params, self._anchor_shards, self.model.weights.router_anchor_weight
+            )
         self.controller.active = False
         t_update = time.perf_counter()
         acc.unscale_gradients()
