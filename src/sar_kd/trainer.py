@@ -7,15 +7,15 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import checkpointing, data, losses, routers
+from . import checkpointing, data, routers
 from .config import ConfigError, TrainConfig, parse_layer_pairs, validate_config
+from .evaluation import model_inputs
 from .heads import OutputHead, check_head
 from .loading import (
     DTYPES,
@@ -28,6 +28,7 @@ from .loading import (
     set_frozen_teacher_mode,
 )
 from .objective import ObjectiveWeights, SARKDModel, make_projection
+from .reporting import Progress, dual_metrics, format_summary, mean
 
 logger = logging.getLogger("sar_kd")
 
@@ -421,7 +422,7 @@ class Trainer:
             else:
                 ctx = acc.no_sync(self.ddp_model) if not sync else contextlib.nullcontext()
             with ctx:
-                out = self.ddp_model(_model_inputs(batch), norms)
+                out = self.ddp_model(model_inputs(batch), norms)
                 acc.backward(out["loss"])
             for k in keys:
                 if k in out:
@@ -505,48 +506,14 @@ class Trainer:
         if look is not None:
             metrics["lookahead"] = look
         if self.mode == "dual":  # this process's micro-batches (logging only)
-            metrics.update(_dual_metrics(sums, w.dual_loss))
+            metrics.update(dual_metrics(sums, w.dual_loss))
         return metrics
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Student and teacher validation perplexity (native routing, no dropout)."""
-        cfg, acc = self.cfg, self.accelerator
-        m = self.model
-        m.student.eval()
-        self.controller.active = False
-        dev = acc.device
-        totals = torch.zeros(6, dtype=torch.float64, device=dev)  # NLLs, token counts, entropy sum, router tokens
-        counts = torch.zeros(len(self.routers), self.routers[0].num_experts, dtype=torch.float64, device=dev)
-        batches = data.eval_batches(self.val_blocks, cfg.per_device_batch_size, cfg.eval_max_batches)
-        for batch, counted in _rank_share(batches, acc.process_index, acc.num_processes, cfg.fsdp):
-            batch = {k: v.to(dev) for k, v in _model_inputs(batch).items()}
-            with acc.autocast():
-                r = m.eval_nll(batch)
-            if not counted:  # FSDP: a repeated pass, so that every process gathers as often as the others
-                continue
-            mask = r["token_mask"]
-            totals[:4] += torch.stack(
-                [r[k].double() for k in ("student_nll", "student_tokens", "teacher_nll", "teacher_tokens")]
-            )
-            if not r["records"]:  # routers whose output layout is not recorded (native mode only)
-                continue
-            n_router_tokens = r["records"][0].logits.shape[0] if mask is None else mask.sum()
-            totals[4] += losses.router_entropy(r["records"], mask).double() * n_router_tokens
-            totals[5] += n_router_tokens
-            counts += losses.expert_counts(r["records"], mask).double()
-        totals = acc.reduce(totals, reduction="sum")
-        counts = acc.reduce(counts, reduction="sum")
-        m.student.train()
-        loads = counts / counts.sum(-1, keepdim=True).clamp(min=1)
-        return {
-            "step": self.step,
-            "student_ppl": math.exp(totals[0] / totals[1]),
-            "teacher_ppl": math.exp(totals[2] / totals[3]),
-            "eval_tokens": int(totals[1]),
-            "eval_router_entropy": float(totals[4] / totals[5]) if totals[5] > 0 else None,
-            "expert_load": [[round(float(v), 4) for v in row] for row in loads],
-        }
+        """Student and teacher validation perplexity (native routing, no dropout): :func:`sar_kd.evaluation.evaluate`."""
+        from .evaluation import evaluate
+
+        return {"step": self.step, **evaluate(self.model, self.routers, self.val_blocks, self.cfg, self.accelerator)}
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -569,7 +536,7 @@ class Trainer:
         last_eval = logged_evals[-1] if logged_evals else None
         if cfg.eval_steps and self.step == 0:
             first_eval = last_eval = self._record(self.evaluate())
-        bar = _Progress(cfg.train_steps, self.step, self.is_main)
+        bar = Progress(cfg.train_steps, self.step, self.is_main)
         while self.step < cfg.train_steps:
             metrics = self.train_step()
             if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
@@ -595,7 +562,7 @@ class Trainer:
             "steps": self.step,
             "wall_time_s": wall,
             "skipped_steps": self.skipped_steps,
-            "mean_tokens_per_s": _mean(h.get("tokens_per_s") for h in self.history),
+            "mean_tokens_per_s": mean(h.get("tokens_per_s") for h in self.history),
             "output_dir": str(out),
         }
         if first_eval is not None:
@@ -606,7 +573,7 @@ class Trainer:
         self.summary = summary
         if self.is_main:
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
-            self._log(_format_summary(summary))
+            self._log(format_summary(summary))
         self.accelerator.wait_for_everyone()
         return summary
 
@@ -699,11 +666,6 @@ class Trainer:
             logger.info(msg)
 
 
-def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors the model reads (the per-block counts are for normalisation only)."""
-    return {k: v for k, v in batch.items() if not k.startswith("n_")}
-
-
 def _grad_norm(params) -> float:
     """The 2-norm of the gradients of ``params`` (whole tensors: a sharded gradient's norm is reduced
     over the processes, so every process calls it under --fsdp)."""
@@ -711,86 +673,3 @@ def _grad_norm(params) -> float:
 
     grads = [p.grad for p in params if p.grad is not None]
     return float(full_tensor(torch.nn.utils.get_total_norm(grads))) if grads else 0.0
-
-
-def _rank_share(batches, rank: int, world: int, pad: bool) -> list[tuple[dict, bool]]:
-    """This process's evaluation batches, ``(batch, counted)``: every ``world``-th one from ``rank``.
-    With ``pad`` (FSDP, whose passes are collective) every process runs as many passes: one short of
-    batches repeats its first (or the first overall) batch, not counted."""
-    batches = list(batches)
-    mine = [(b, True) for b in batches[rank::world]]
-    if pad and batches:
-        filler = (mine[0][0] if mine else batches[0], False)
-        mine += [filler] * (-(-len(batches) // world) - len(mine))
-    return mine
-
-
-def _dual_metrics(sums: dict[str, float], dual_loss: str) -> dict[str, float | None]:
-    """Dual-mode statistics of one window: hidden MSE per aligned token, alignment coverage, and the
-    cross-tokenizer terms (KL per one-to-one pair, chunk loss per other chunk, the fraction of student
-    tokens in one-to-one chunks, the teacher's probability mass on exactly shared tokens)."""
-    out: dict[str, float | None] = {}
-    if dual_loss in ("hidden", "both"):
-        out["hidden_mse"] = sums["hidden_mse_sum"] / max(sums["aligned_tokens"], 1.0)
-        out["align_coverage"] = sums["aligned_tokens"] / max(sums["student_tokens"], 1.0)
-    if dual_loss in ("logit", "both"):
-        pairs, chunks = max(sums["xtok_n_pairs"], 1.0), max(sums["xtok_n_chunks"], 1.0)
-        out["xtok_kl"] = sums["xtok_kl_sum"] / pairs
-        out["xtok_chunk_loss"] = sums["xtok_chunk_sum"] / chunks if sums["xtok_n_chunks"] else None
-        out["xtok_one_to_one"] = sums["xtok_student_tokens_in_pairs"] / max(sums["xtok_student_tokens"], 1.0)
-        out["xtok_mass"] = sums["xtok_mass_sum"] / pairs
-    return out
-
-
-def _mean(values) -> float | None:
-    vals = [v for v in values if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-class _Progress:
-    """tqdm on a terminal; plain log lines otherwise."""
-
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.total = total
-        self.tty = enabled and sys.stderr.isatty()
-        self.bar = None
-        if self.tty:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, desc="sar-kd", dynamic_ncols=True)
-
-    def update_to(self, step: int, m: dict[str, Any], elapsed: float) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr_student']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
-        else:
-            eta = elapsed / max(step, 1) * (self.total - step)
-            tce = "" if m["teacher_ce"] is None else f" teacher_ce {m['teacher_ce']:.4f}"
-            logger.info(
-                "step %d/%d loss %.4f kd %.4f ce %.4f%s router_grad %.2e lr %.2e tok/s %.0f eta %.0fs",
-                step, self.total, m["loss"], m["kd_loss"], m["ce_loss"], tce,
-                m["router_grad_norm"], m["lr_student"], m["tokens_per_s"], eta,
-            )  # fmt: skip
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _format_summary(s: dict[str, Any]) -> str:
-    lines = [
-        "run summary",
-        f"  steps {s['steps']} ({s['skipped_steps']} skipped), wall time {s['wall_time_s']:.1f}s, "
-        f"{(s['mean_tokens_per_s'] or 0):.0f} tokens/s",
-    ]
-    for k in ("student_ppl", "teacher_ppl", "eval_router_entropy"):
-        if f"final_{k}" in s:
-            lines.append(f"  {k}: {s[f'initial_{k}']:.3f} -> {s[f'final_{k}']:.3f}")
-    if "final_expert_load" in s:
-        for i, (a, b) in enumerate(zip(s["initial_expert_load"], s["final_expert_load"])):
-            lines.append(f"  router {i} expert load: {a} -> {b}")
-    lines.append(f"  outputs in {s['output_dir']}: student/, router_update.pt, metrics.jsonl")
-    return "\n".join(lines)
