@@ -15,31 +15,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from family_configs import TINY_COMMON, TINY_DEEPSEEK
 from sar_kd.config import ConfigError
 from sar_kd.heads import OutputHead, check_head
 from sar_kd.router_grad import RoutingSpec
 from sar_kd.routers import RouterController, find_routers, freeze_all_but_routers
 
-COMMON = dict(
-    vocab_size=96,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=128,
-)
-_DS = dict(
-    moe_intermediate_size=16,
-    first_k_dense_replace=1,
-    q_lora_rank=None,
-    kv_lora_rank=16,
-    qk_rope_head_dim=8,
-    qk_nope_head_dim=8,
-    v_head_dim=8,
-    n_shared_experts=1,
-    num_key_value_heads=4,
-)
+COMMON = TINY_COMMON
+_DS = TINY_DEEPSEEK
 # name -> (model_type, config overrides, (score, renormalised, scale) from the family's modeling code)
 FAMILIES = {
     "qwen3_moe_top1": (

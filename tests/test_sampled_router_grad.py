@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from family_configs import TINY_COMMON, TINY_DEEPSEEK
 from sar_kd.config import ConfigError, TrainConfig, validate_config
 from sar_kd.loading import enable_checkpointing, set_frozen_teacher_mode
 from sar_kd.router_grad import (
@@ -30,28 +31,8 @@ from sar_kd.router_grad import (
 from sar_kd.routers import RouterController, find_routers, freeze_all_but_routers
 
 H = 32
-COMMON = dict(
-    vocab_size=96,
-    hidden_size=H,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=128,
-)
-_DS = dict(
-    moe_intermediate_size=16,
-    first_k_dense_replace=1,
-    q_lora_rank=None,
-    kv_lora_rank=16,
-    qk_rope_head_dim=8,
-    qk_nope_head_dim=8,
-    v_head_dim=8,
-    n_shared_experts=1,
-    num_key_value_heads=4,
-    n_group=1,
-    topk_group=1,
-)
+COMMON = TINY_COMMON | dict(hidden_size=H)
+_DS = TINY_DEEPSEEK | dict(n_group=1, topk_group=1)
 # name -> (model_type, config overrides, samples M, expected RoutingSpec)
 FAMILIES = {
     "softmax_renorm_top1": (
