@@ -2,8 +2,12 @@
 
 Hidden states of the real widths (teacher 1024, student 576) and two LM heads of 151,936 rows; the
 chunked loss (sar_kd.losses.chunked_lm_losses) against the same sums over full-sequence logits.
-Peak memory: CUDA allocator peak on a GPU, sampled resident memory on the CPU (above the inputs).
-Prints one JSON line.   python bench/bench_kd_chunks.py [--tokens 1024] [--chunk 256]
+Peak memory: CUDA allocator peak on a GPU, sampled resident memory on the CPU (above the inputs);
+``saved_mb``: what autograd keeps for the backward pass after the forward (saved-tensor hooks).
+Variants: ``full``, ``chunked`` (checkpointed chunks, ``fused=False``), ``fused`` (sar_kd.fused_kd:
+gradients in the forward pass). ``--freeze_teacher_head``: the teacher's head gets no gradient, as in
+training. Prints one JSON line.
+    python bench/bench_kd_chunks.py [--tokens 1024] [--chunk 256] [--variants full chunked fused]
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--variants", nargs="+", default=["full", "chunked", "fused"])
+    ap.add_argument("--freeze_teacher_head", action="store_true")
     a = ap.parse_args()
     dev = torch.device(a.device)
     torch.manual_seed(0)
@@ -73,19 +79,36 @@ def main() -> None:
     head_t = torch.nn.Linear(1024, a.vocab, bias=False).to(dev)
     labels = torch.randint(0, a.vocab, (1, a.tokens), device=dev)
     labels[:, -1] = losses.IGNORE_INDEX
+    head_t.requires_grad_(not a.freeze_teacher_head)
 
-    def chunked():
-        kd, ce, _ = losses.chunked_lm_losses(hs, ht, head_s, head_t, labels, 2.0, a.chunk)
-        (kd + ce).backward()
+    def chunked(backward=True, fused=False):
+        kd, ce, _ = losses.chunked_lm_losses(hs, ht, head_s, head_t, labels, 2.0, a.chunk, fused=fused)
+        if backward:
+            (kd + ce).backward()
         return kd
 
-    def full():
+    def fused(backward=True):
+        return chunked(backward, fused=True)
+
+    def full(backward=True):
         ls = head_s(hs).reshape(-1, a.vocab)
         lt = head_t(ht).reshape(-1, a.vocab)
         flat = labels.reshape(-1)
         kd = losses.kd_kl_loss(ls, lt, flat, 2.0)
-        (kd + losses.ce_loss(ls, flat)).backward()
+        if backward:
+            (kd + losses.ce_loss(ls, flat)).backward()
         return kd
+
+    def saved_bytes(fn) -> int:
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(backward=False)
+        return sum(seen.values())
 
     out = {
         "bench": "kd_loss_chunked_vs_full",
@@ -93,8 +116,12 @@ def main() -> None:
         "tokens": a.tokens,
         "vocab": a.vocab,
         "chunk": a.chunk,
+        "teacher_head_trainable": not a.freeze_teacher_head,
     }
-    for name, fn in (("full", full), ("chunked", chunked)):
+    fns = {"full": full, "chunked": chunked, "fused": fused}
+    for name in a.variants:
+        fn = fns[name]
+        out[f"{name}_saved_mb"] = round(saved_bytes(fn) / 2**20, 1)
         fn()  # warm-up
         for t in (hs, ht, head_s.weight, head_t.weight):
             t.grad = None
@@ -109,7 +136,8 @@ def main() -> None:
         out[f"{name}_kd"] = float(val.detach())
         for t in (hs, ht, head_s.weight, head_t.weight):
             t.grad = None
-    out["memory_saving"] = round(out["full_peak_mb"] / max(out["chunked_peak_mb"], 1e-9), 2)
+    if "full" in a.variants and "chunked" in a.variants:
+        out["memory_saving"] = round(out["full_peak_mb"] / max(out["chunked_peak_mb"], 1e-9), 2)
     print(json.dumps(out))
 
 

@@ -13,7 +13,15 @@ batch 1, gradient checkpointing on (as in a real run). Measures, in the same pro
   ``overhead_ratio_with_update`` = step / (teacher + student + update);
 * ``tokens_per_s``: student tokens per second of a full step.
 
-Prints one JSON line per mode.   python bench/bench_step.py [--block_size 256] [--modes hidden logit]
+``--kd_impl fused checkpoint`` (logit mode) times the step once per implementation of the chunked
+KD loss (``chunked_lm_losses(fused=...)``), in the same process against the same parts, and adds
+``loss_saved_mb``: the tensors the logit losses keep for the backward pass (saved-tensor hooks), and
+``step_peak_mb``: the step's peak memory above its start (CUDA allocator, or sampled RSS on a CPU).
+Steps of the implementations are interleaved (and so are the two parts), so that a change of load on
+a shared machine hits all alike.
+
+Prints one JSON line per mode (and implementation).
+    python bench/bench_step.py [--block_size 256] [--modes hidden logit] [--kd_impl fused checkpoint]
 """
 
 from __future__ import annotations
@@ -41,7 +49,24 @@ def _time(fn, repeat: int, sync) -> float:
     return best * 1000
 
 
-def bench_mode(mode: str, block: int, dev: torch.device, dtype: str, repeat: int) -> dict:
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def bench_mode(mode: str, block: int, dev: torch.device, dtype: str, repeat: int, impls=("fused",)) -> list[dict]:
+    import functools
+
     from real_pair import build_trainer
 
     from sar_kd import losses
@@ -75,19 +100,65 @@ def bench_mode(mode: str, block: int, dev: torch.device, dtype: str, repeat: int
         ce.backward()
         m.student.zero_grad(set_to_none=True)
 
+    from bench_kd_chunks import Peak
+
+    original = losses.chunked_lm_losses
+    impls = tuple(impls) if mode == "logit" else ("fused",)
+
+    def step(impl):
+        """One train_step with the given KD implementation; its result and peak memory above entry."""
+        losses.chunked_lm_losses = functools.partial(original, fused=impl == "fused")
+        try:
+            trainer.controller.active = True
+            with Peak(dev) as pk:
+                out = trainer.train_step()
+        finally:
+            losses.chunked_lm_losses = original
+        return out, pk.bytes
+
+    for impl in impls:
+        step(impl)  # warm-up (allocates optimizer state)
+    runs = {impl: [] for impl in impls}
+    for _ in range(repeat):  # interleaved, so that a change of load on a shared machine hits both alike
+        for impl in impls:
+            runs[impl].append(step(impl))
+    steps = {}
+    for impl in impls:
+        saved = None
+        if mode == "logit":  # what the KD/CE losses keep for the backward pass (one micro-batch)
+            losses.chunked_lm_losses = functools.partial(original, fused=impl == "fused")
+
+            def loss_only():
+                with acc.autocast():
+                    m._logit_sums(batch, {"kd": 1.0, "ce": 1.0, "tce": 1.0})
+
+            try:
+                saved = _saved_bytes(loss_only) - _saved_bytes(lambda: None)
+            finally:
+                losses.chunked_lm_losses = original
+            m.zero_grad(set_to_none=True)
+        best = min(runs[impl], key=lambda r: r[0]["step_time_s"])[0]
+        peak = max(r[1] for r in runs[impl])
+        steps[impl] = (best, saved, peak)
     trainer.controller.active = True
-    trainer.train_step()  # warm-up (allocates optimizer state)
-    runs = [trainer.train_step() for _ in range(repeat)]
-    best = min(runs, key=lambda r: r["step_time_s"])
-    step_ms, update_ms = best["step_time_s"] * 1000, best["update_time_s"] * 1000
-    trainer.controller.active = True
-    teacher_ms = _time(teacher_part, repeat, sync)
-    student_ms = _time(student_part, repeat, sync)
+    teacher_ms = student_ms = float("inf")
+    for _ in range(repeat):  # interleaved too
+        teacher_ms = min(teacher_ms, _time(teacher_part, 1, sync))
+        student_ms = min(student_ms, _time(student_part, 1, sync))
     tokens = int(batch["n_ce"].sum()) + 1
     trainer.controller.remove()
+    return [_row(mode, impl, best, saved, peak, teacher_ms, student_ms, tokens, block, dev, dtype)
+            for impl, (best, saved, peak) in steps.items()]  # fmt: skip
+
+
+def _row(mode, impl, best, saved, peak, teacher_ms, student_ms, tokens, block, dev, dtype) -> dict:
+    step_ms, update_ms = best["step_time_s"] * 1000, best["update_time_s"] * 1000
     return {
         "bench": "train_step",
         "mode": mode,
+        "kd_impl": impl if mode == "logit" else None,
+        "loss_saved_mb": round(saved / 2**20, 1) if saved is not None else None,
+        "step_peak_mb": round(peak / 2**20, 1),  # above the memory at the step's start (sampled RSS on a CPU)
         "model_dtype": dtype,
         "block_size": block,
         "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(),
@@ -110,9 +181,11 @@ def main() -> None:
     ap.add_argument("--model_dtype", default="float32")
     ap.add_argument("--modes", nargs="+", default=["hidden", "logit"])
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--kd_impl", nargs="+", default=["fused"], choices=["fused", "checkpoint"])
     a = ap.parse_args()
     for mode in a.modes:
-        print(json.dumps(bench_mode(mode, a.block_size, torch.device(a.device), a.model_dtype, a.repeat)), flush=True)
+        for row in bench_mode(mode, a.block_size, torch.device(a.device), a.model_dtype, a.repeat, a.kd_impl):
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

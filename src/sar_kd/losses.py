@@ -91,15 +91,36 @@ def chunked_lm_losses(
     chunk_size: int,
     vocab_size: int | None = None,
     teacher_ce_grad: bool = False,
+    loss_weights: tuple[float, float, float] | None = None,
+    fused: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """KD, student CE and teacher CE sums computed ``chunk_size`` tokens at a time.
 
     student_hidden (B, T, Hs), teacher_hidden (B, T, Ht): final hidden states (after the final
     norm); ``*_head`` map them to logits; labels (B, T) shifted once. At most one chunk of
-    full-vocabulary logits of each model exists at any time (see :func:`_chunked`).
+    full-vocabulary logits of each model exists at any time.
     ``vocab_size`` trims padded vocabulary rows beyond the shared tokenizer. The teacher CE carries
     gradient only with ``teacher_ce_grad``. Returns three scalar sums over valid tokens: (kd, ce, teacher_ce).
+
+    ``fused`` (default): :mod:`sar_kd.fused_kd` computes each chunk's gradients in the forward pass, so
+    the backward pass does not run the heads again; it needs ``loss_weights`` = (w_kd, w_ce, w_tce),
+    the weights the caller combines the three sums with (default ``(1, 1, 1)``, w_tce 0 without
+    ``teacher_ce_grad``; a common factor does not matter, other combinations raise in the backward
+    pass). Heads it cannot describe (:func:`sar_kd.fused_kd.head_spec` gives ``None``) and
+    ``fused=False`` take the checkpointed path (:func:`_chunked`: the heads run again in the backward).
     """
+    if fused:
+        from .fused_kd import fused_lm_losses, head_spec
+
+        spec_s, spec_t = head_spec(student_head, vocab_size), head_spec(teacher_head, vocab_size)
+        if spec_s is not None and spec_t is not None and spec_s.vocab_size == spec_t.vocab_size:
+            if loss_weights is None:
+                loss_weights = (1.0, 1.0, 1.0)
+            weights = (loss_weights[0], loss_weights[1], loss_weights[2] if teacher_ce_grad else 0.0)
+            total = fused_lm_losses(
+                student_hidden, teacher_hidden, spec_s, spec_t, labels, temperature, chunk_size, weights
+            )
+            return total[0], total[1], total[2] if teacher_ce_grad else total[2].detach()
 
     def chunk_fn(h_s: torch.Tensor, h_t: torch.Tensor, lab: torch.Tensor) -> torch.Tensor:
         ls = student_head(h_s)

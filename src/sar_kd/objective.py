@@ -257,7 +257,7 @@ class SARKDModel(nn.Module):
         if not w.needs_teacher:
             sums = self._ce_only_sums(batch)
         else:
-            sums = self._logit_sums(batch) if self.mode == "logit" else self._dual_sums(batch)
+            sums = self._logit_sums(batch, norms) if self.mode == "logit" else self._dual_sums(batch)
         token_loss = (
             w.alpha_kd * sums["kd_sum"] / norms[self.kd_count_key]
             + w.alpha_ce * sums["ce_sum"] / norms["ce"]
@@ -285,7 +285,7 @@ class SARKDModel(nn.Module):
             sums.update(aligned_tokens=zero, student_tokens=mask.sum())
         return sums
 
-    def _logit_sums(self, batch):
+    def _logit_sums(self, batch, norms=None):
         w = self.weights
         ids, mask = batch["input_ids"], batch.get("attention_mask")
         labels = losses.shift_labels(ids, mask)
@@ -298,6 +298,16 @@ class SARKDModel(nn.Module):
             kd, ce, t_ce, look = self._lookahead_logit_terms(s_out, t_out, d, labels)
             return {"kd_sum": kd, "ce_sum": ce, "teacher_ce_sum": t_ce, "look_sum": look,
                     "records": records, "router_mask": router_mask}  # fmt: skip
+        tce_grad = w.router_teacher_ce_weight > 0 and w.train_router
+        # the fused loss (sar_kd.fused_kd) stores one gradient: the one of the combination forward() makes
+        loss_weights = None
+        if norms is not None:
+            inv = {k: 1.0 / float(norms[k]) if float(norms[k]) else 0.0 for k in (self.kd_count_key, "ce", "tce")}
+            loss_weights = (
+                w.alpha_kd * inv[self.kd_count_key],
+                w.alpha_ce * inv["ce"],
+                w.router_teacher_ce_weight * inv["tce"] if tce_grad else 0.0,
+            )
         kd, ce, t_ce = losses.chunked_lm_losses(
             s_out.last_hidden_state,
             t_out.last_hidden_state,
@@ -306,7 +316,8 @@ class SARKDModel(nn.Module):
             labels,
             temperature=w.temperature,
             chunk_size=w.kd_chunk_size,
-            teacher_ce_grad=w.router_teacher_ce_weight > 0 and w.train_router,
+            teacher_ce_grad=tce_grad,
+            loss_weights=loss_weights,
         )
         return {"kd_sum": kd, "ce_sum": ce, "teacher_ce_sum": t_ce, "records": records, "router_mask": router_mask}
 
