@@ -212,7 +212,9 @@ def resume_mismatches(path: Path, cfg: TrainConfig, num_processes: int) -> list[
     if bool(old.get("streaming")) != bool(new["streaming"]):
         diffs.append(f"streaming {json.dumps(bool(old.get('streaming')))} -> {json.dumps(new['streaming'])}")
     elif new["streaming"] and old.get("shuffle_buffer_size") != new["shuffle_buffer_size"]:
-        diffs.append(f"shuffle_buffer_size {json.dumps(old.get('shuffle_buffer_size'))} -> {new['shuffle_buffer_size']}")
+        diffs.append(
+            f"shuffle_buffer_size {json.dumps(old.get('shuffle_buffer_size'))} -> {new['shuffle_buffer_size']}"
+        )
     if bool(old.get("fsdp")) != bool(new["fsdp"]):  # the training state is stored differently
         diffs.append(f"fsdp {json.dumps(bool(old.get('fsdp')))} -> {json.dumps(new['fsdp'])}")
     if holdout(old) != holdout(new):  # the quiz split changes which blocks the data position counts

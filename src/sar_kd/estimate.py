@@ -347,8 +347,9 @@ def fsdp_table(teachers: dict[str, Any], student_conf, block_size: int = 1024, m
     for name, conf in teachers.items():
         mode = "logit" if conf.vocab_size == student_conf.vocab_size else "xtok"
         need = {
-            n: estimate_memory(conf, student_conf, model_dtype=model_dtype, block_size=block_size, mode=mode,
-                               num_gpus=n, fsdp=n > 1)["total_bytes"]  # fmt: skip
+            n: estimate_memory(
+                conf, student_conf, model_dtype=model_dtype, block_size=block_size, mode=mode, num_gpus=n, fsdp=n > 1
+            )["total_bytes"]  # fmt: skip
             for n in FSDP_GPUS
         }
         params = count_model(conf).params
