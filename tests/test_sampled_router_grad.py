@@ -21,7 +21,9 @@ from sar_kd.loading import enable_checkpointing, set_frozen_teacher_mode
 from sar_kd.router_grad import (
     AUTO_SAMPLES,
     RoutingSpec,
+    dense_weights,
     inclusion_probabilities,
+    native_weights,
     resolve_samples,
     sample_other_experts,
     sampled_all_experts_gradient,
@@ -292,3 +294,22 @@ def test_the_trainer_passes_the_option_and_logs_the_resolved_m(tiny_pair, tmp_pa
     m = trainer.train_step()
     trainer.controller.remove()
     assert m["router_grad_norm"] > 0 and torch.isfinite(torch.tensor(m["router_grad_norm"]))
+
+
+def test_a_sigmoid_router_whose_scores_all_underflow_stays_finite():
+    """Every logit of a token below about -104: the sigmoid scores are 0 in fp32; the sampled weights
+    must stay finite (native forward) and the sample must not repeat an expert."""
+    spec = RoutingSpec("sigmoid", False, 1.0)
+    z = torch.tensor([[-200.0, -190.0, -180.0, -170.0, -160.0, -150.0], [0.5, -1.0, 2.0, 0.1, -0.3, 1.5]])
+    indices = z.topk(1, dim=-1).indices
+    scores = native_weights(z, indices, spec)
+    torch.manual_seed(0)
+    ids, inv_prob = sample_other_experts(z, indices, 3, spec)
+    assert torch.isfinite(inv_prob).all()
+    for row, chosen in zip(ids.tolist(), indices.tolist()):
+        assert len(set(row)) == 3 and not set(row) & set(chosen)
+    w = sampled_straight_through_weights(z.requires_grad_(), scores, indices, ids, inv_prob, spec)
+    assert torch.equal(w[:, 0], scores[:, 0]) and torch.equal(w[:, 1:], torch.zeros_like(w[:, 1:]))
+    for renorm in (False, True):
+        q = dense_weights(z, RoutingSpec("sigmoid", renorm, 1.0))
+        assert torch.isfinite(q).all()

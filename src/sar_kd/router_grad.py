@@ -70,14 +70,14 @@ def routing_distribution(z: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
     z (..., E) -> (..., E), fp32.
     """
     p = expert_scores(z, spec)
-    return p if spec.score == "softmax" else p / p.sum(-1, keepdim=True)
+    return p if spec.score == "softmax" else p / p.sum(-1, keepdim=True).clamp(min=1e-20)
 
 
 def dense_weights(z: torch.Tensor, spec: RoutingSpec) -> torch.Tensor:
     """``q(z)``: the native routing function with every expert chosen. z (..., E) -> (..., E), fp32."""
     p = expert_scores(z, spec)
     if spec.renorm:
-        p = p / p.sum(-1, keepdim=True)
+        p = p / p.sum(-1, keepdim=True).clamp(min=1e-20)  # (DeepSeek's own guard: scores that all underflow)
     return p * spec.scale
 
 
@@ -85,7 +85,7 @@ def native_weights(z: torch.Tensor, indices: torch.Tensor, spec: RoutingSpec) ->
     """The weights the model itself gives its chosen experts. z (T, E), indices (T, k) -> (T, k)."""
     w = expert_scores(z, spec).gather(-1, indices)
     if spec.renorm:
-        w = w / w.sum(-1, keepdim=True)
+        w = w / w.sum(-1, keepdim=True).clamp(min=1e-20)
     return w * spec.scale
 
 
@@ -260,7 +260,9 @@ def sample_other_experts(z: torch.Tensor, indices: torch.Tensor, m: int, spec: R
         rest_mask = torch.ones(t, e, dtype=torch.bool, device=z.device).scatter(-1, indices, False)
         # (T, R) unchosen expert ids, ascending (a stable sort, not nonzero(): no host sync on a GPU)
         rest = torch.sort(rest_mask.to(torch.uint8), dim=-1, descending=True, stable=True).indices[:, : e - k]
-        d = routing_distribution(z.detach(), spec).gather(-1, rest)
+        # the scores themselves (renormalised over the rest just below): a sigmoid router's scores may all
+        # underflow to 0 for a token, where p / Σp would be NaN; such a row falls back to uniform
+        d = expert_scores(z.detach(), spec).gather(-1, rest)
         r = (1 - mix) * d / d.sum(-1, keepdim=True).clamp(min=1e-30) + mix / (e - k)
         pi = inclusion_probabilities(r, m)
         pos = systematic_sample(pi, m)
