@@ -62,3 +62,23 @@ def test_ce_only_baseline_runs_data_parallel(tiny_pair, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(x["router_grad_norm"] == 0.0 and x["kd_loss"] == 0.0 for x in rows)
+
+
+def test_lookahead_quiz_direction_is_the_global_one(tiny_pair, tmp_path):
+    """--router_objective lookahead: 2 processes x 2 blocks = 1 process x 4 blocks (the quiz gradient is
+    normalised by the global label count and summed over the processes)."""
+    common = dict(train_steps=2, eval_steps=0, save_steps=0, grad_accum_steps=1, router_objective="lookahead",
+                  router_load_balance_weight=0, cpu=True)  # fmt: skip
+    rows = {}
+    for nproc, bs in ((2, 2), (1, 4)):
+        out = tmp_path / f"p{nproc}"
+        r = _launch(nproc, base_args(tiny_pair, out, per_device_batch_size=bs, **common))
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows[nproc] = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for d, s in zip(rows[2], rows[1]):  # (the logged L_look is rank 0's own tokens': not compared)
+        for key in ("kd_loss", "ce_loss", "router_grad_norm", "student_grad_norm"):
+            assert abs(d[key] - s[key]) <= 1e-4 * abs(s[key]), (key, d, s)
+    a = torch.load(tmp_path / "p2" / "rank0_of_2.pt", weights_only=True)
+    b = torch.load(tmp_path / "p1" / "rank0_of_1.pt", weights_only=True)
+    for k in b:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k

@@ -389,15 +389,26 @@ class Trainer:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def _quiz_direction(self) -> dict[str, torch.Tensor]:
-        """g_q = ∇θ of the student's mean CE on the quiz batch, by student parameter name (no ``.grad``)."""
+        """g_q = ∇θ of the student's mean CE on the quiz batch, by student parameter name (no ``.grad``).
+
+        With several processes the quiz batch is the global one (each holds its share): the CE is
+        normalised by the global label count and the gradients summed over the processes, so the
+        direction is the one a single process would compute on the whole quiz batch."""
         from .lookahead import quiz_gradient
 
+        acc = self.accelerator
         m, batch = self.model, self._quiz_batch()
         named = {n: p for n, p in m.student.named_parameters() if p.requires_grad}
-        with self.accelerator.autocast():
+        with acc.autocast():
             ce = m._ce_only_sums(batch)["ce_sum"]  # the student's CE sum, as a CE-only step computes it
-        ce = ce / batch["n_ce"].sum().clamp(min=1)  # n_ce: the batch's student labels
-        return dict(zip(named, quiz_gradient(ce, list(named.values()))))
+        labels = batch["n_ce"].sum().float()  # n_ce: the batch's student labels
+        if acc.num_processes > 1:
+            labels = acc.reduce(labels, reduction="sum")
+        grads = quiz_gradient(ce / labels.clamp(min=1), list(named.values()))
+        if acc.num_processes > 1:  # one all-reduce of the flattened gradient
+            flat = acc.reduce(torch.cat([g.reshape(-1).float() for g in grads]), reduction="sum")
+            grads = [f.view_as(g).to(g.dtype) for f, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        return dict(zip(named, grads))
 
     def train_step(self) -> dict[str, float]:
         """One optimizer update over ``grad_accum_steps`` micro-batches; returns its metrics."""
