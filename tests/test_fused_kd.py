@@ -148,6 +148,11 @@ def test_an_unfusable_head_takes_the_checkpointed_path(monkeypatch):
     hs, ht = torch.randn(2, 16, 8, requires_grad=True), torch.randn(2, 16, 12, requires_grad=True)
     head_s, head_t = Scaled(8, VOCAB), nn.Linear(12, VOCAB)
     assert fused_kd.head_spec(head_s) is None and fused_kd.head_spec(lambda h: h) is None
+    hooked = nn.Linear(8, VOCAB)  # a backward hook on the head must keep firing: not fused
+    assert fused_kd.head_spec(hooked) is not None
+    handle = hooked.register_full_backward_hook(lambda *a: None)
+    assert fused_kd.head_spec(hooked) is None
+    handle.remove()
     used = []
     real = losses.checkpoint
     monkeypatch.setattr(losses, "checkpoint", lambda *a, **k: used.append(1) or real(*a, **k))

@@ -105,9 +105,14 @@ def head_spec(head, vocab_size: int | None = None) -> HeadSpec | None:
         return None
     if not isinstance(lin, nn.Linear) or type(lin).forward is not nn.Linear.forward:
         return None
-    if lin._forward_hooks or lin._forward_pre_hooks or hasattr(lin, "_hf_hook"):
+    if lin._forward_hooks or lin._forward_pre_hooks or lin._backward_hooks or lin._backward_pre_hooks:
         return None
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    if hasattr(lin, "_hf_hook"):
+        return None
+    g = nn.modules.module
+    if g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks:
+        return None
+    if g._global_backward_pre_hooks:
         return None
     w = lin.weight
     # a plain 2-D tensor (not a DTensor shard between FSDP forwards, a quantised subclass or meta)
