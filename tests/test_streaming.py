@@ -87,7 +87,7 @@ def test_jsonl_streams_its_text_column(tiny_pair, tmp_path):
     assert _same(_streamed(cfg, "logit", (tok, tok), 32), ref)
     assert _same(data_mod.load_blocks(cfg, "logit", tok, tok)[0], ref)
     cfg.text_column = "text"
-    with pytest.raises(ConfigError, match="no 'text' column"):
+    with pytest.raises(ConfigError, match="line 1 has no string field 'text'"):
         data_mod.text_datasets(cfg, streaming=False)
 
 
@@ -240,3 +240,160 @@ def test_two_streaming_processes_match_one(tiny_pair, tmp_path):
     assert len(rows_d) == 3
     for d, s in zip(rows_d, rows_s):
         assert abs(d["loss"] - s["loss"]) < 1e-4, (d, s)
+
+
+# ---------------------------------------------------------------- local files: the documents of load_texts
+
+
+def _both_paths(cfg, tok, split=0):
+    """(streamed, cached) logit blocks of split 0 (training) or 1 (validation)."""
+    ds = data_mod.text_datasets(cfg, streaming=True)[split]
+    src = streaming.BlockSource(lambda: ds, cfg.text_column, False, streaming.LogitPacker(tok, cfg.block_size),
+                                endless=False, batch_docs=7)  # fmt: skip
+    return streaming.first_blocks(src, 10**9), data_mod.load_blocks(cfg, "logit", tok, tok)[split]
+
+
+def test_local_files_give_load_texts_documents_on_both_paths(tiny_pair, tmp_path):
+    """--max_train_samples counts str.splitlines documents (a line holding U+2028 / \\x0c / \\x85 is several);
+    each file is split by its own suffix; --text_column is not asked of a .txt file; a .jsonl row may add
+    fields (read: only the text column)."""
+    tok = AutoTokenizer.from_pretrained(tiny_pair["teacher"])
+    lines = [ln for ln in Path(tiny_pair["train"]).read_text().splitlines() if ln.strip()]
+    seps = tmp_path / "seps.txt"
+    seps.write_text("\u2028".join(lines[:5]) + "\x0c" + lines[5] + "\x85" + lines[6] + "\n" + "\n".join(lines[7:60]))
+    jsonl = tmp_path / "train.jsonl"  # documents holding line breaks; later rows add (mixed-type) fields
+    rows = [{"body": lines[i] + "\n\n" + lines[i + 1] + "\u2028x"} for i in range(0, 60, 2)]
+    rows += [{"body": ln, "meta": {"src": "web"} if i % 2 else 5} for i, ln in enumerate(lines[60:120])]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cases = [
+        (TrainConfig(train_file=str(seps), block_size=8, max_train_samples=3), 0),
+        (TrainConfig(train_file=str(jsonl), validation_file=str(seps), text_column="body", block_size=16), 1),
+        (TrainConfig(train_file=str(seps), validation_file=str(jsonl), text_column="body", block_size=16), 1),
+        (TrainConfig(train_file=str(jsonl), text_column="body", block_size=16, max_train_samples=70), 0),
+    ]
+    for cfg, split in cases:
+        ref = data_mod.logit_blocks(data_mod.load_texts(cfg)[split], tok, cfg.block_size)
+        streamed, cached = _both_paths(cfg, tok, split)
+        assert _same(streamed, ref) and _same(cached, ref), (cfg.train_file, split)
+    assert len(data_mod.load_texts(cases[0][0])[0]) == 3 and data_mod.load_texts(cases[0][0])[0][2] == lines[2]
+
+
+def test_a_changed_file_or_tokenizer_setting_is_not_read_from_a_stale_cache(tiny_pair, tmp_path):
+    import os
+
+    tok = AutoTokenizer.from_pretrained(tiny_pair["teacher"])
+    f = tmp_path / "c.txt"
+    text = "\n".join(Path(tiny_pair["train"]).read_text().splitlines()[:80]) + "\n"
+    cfg = TrainConfig(train_file=str(f), block_size=16)
+    for new in (text, text.swapcase(), text + text[:500]):  # rewritten in place, the modification time restored
+        f.write_text(new)
+        if new is text:
+            st = os.stat(f)
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+        ref = data_mod.logit_blocks(data_mod.load_texts(cfg)[0], tok, 16)
+        assert _same(data_mod.load_blocks(cfg, "logit", tok, tok)[0], ref)
+    # settings outside tokenizer.json that change the ids are in the tokenizer's hash; where it was loaded from is not
+    again = AutoTokenizer.from_pretrained(tiny_pair["teacher"])
+    split = AutoTokenizer.from_pretrained(tiny_pair["teacher"], split_special_tokens=True)
+    copy = tmp_path / "tok_copy"
+    shutil.copytree(tiny_pair["teacher"], copy, ignore=shutil.ignore_patterns("*.safetensors"))
+    moved = AutoTokenizer.from_pretrained(str(copy))
+    h = data_mod._tokenizer_hash
+    assert h(tok) == h(again) == h(moved) != h(split)
+
+
+def test_unwritable_datasets_cache_is_one_line_naming_it(tiny_pair, tmp_path, monkeypatch):
+    import datasets
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cache = str(blocker / "cache")  # (a directory under a file: cannot be created, even by root)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    tok = AutoTokenizer.from_pretrained(tiny_pair["teacher"])
+    cfg = TrainConfig(train_file=tiny_pair["val"], block_size=16, eval_steps=0)
+    for load in (lambda: data_mod.load_blocks(cfg, "logit", tok, tok),
+                 lambda: streaming.streaming_data(cfg, "logit", tok, tok, 0, 1)):  # fmt: skip
+        with pytest.raises(ConfigError) as e:
+            load()
+        msg = str(e.value)
+        assert "\n" not in msg and cache in msg and "set HF_DATASETS_CACHE to a writable directory" in msg, msg
+        assert tiny_pair["val"] not in msg
+
+
+def test_bad_or_empty_local_files_are_one_line_errors_naming_the_file(tiny_pair, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_pair["teacher"])
+    lines = Path(tiny_pair["train"]).read_text().splitlines()[:300]
+    good = [json.dumps({"text": ln}) for ln in lines]
+    files = {
+        "empty.txt": ("", "the training data is empty: no text found in .*empty.txt"),
+        "blank.txt": ("\n\n   \n", "the training data is empty: no text found in .*blank.txt"),
+        "empty.jsonl": ("", "the training data is empty: no text found in .*empty.jsonl"),
+        "blank.jsonl": ("\n\n", "the training data is empty: no text found in .*blank.jsonl"),
+        "null.jsonl": ("\n".join(good[:250] + ['{"text": null}'] + good[250:]), r"null.jsonl line 251 has no string field 'text' \(it is null\)"),
+        "missing.jsonl": ("\n".join(good[:250] + ['{"body": "x"}']), r"missing.jsonl line 251 has no string field 'text' \(no such field\)"),
+        "notjson.jsonl": ("\n".join(good[:250] + ["hello"]), "notjson.jsonl: line 251 is not valid JSON"),
+        "utf8.txt": ("\n".join(lines[:250]) + "\n\udcff\n", "utf8.txt: line 251 is not valid UTF-8"),
+    }  # fmt: skip
+    for name, (text, msg) in files.items():
+        f = tmp_path / name
+        f.write_bytes(text.encode("utf-8", "surrogateescape"))
+        cfg = TrainConfig(train_file=str(f), block_size=16, eval_steps=0, shuffle_buffer_size=4)
+        for load in (lambda cfg=cfg: data_mod.load_blocks(cfg, "logit", tok, tok),
+                     lambda cfg=cfg: streaming.streaming_data(cfg, "logit", tok, tok, 0, 1)):  # fmt: skip
+            with pytest.raises(ConfigError, match=msg) as e:
+                load()
+            assert "\n" not in str(e.value)
+    # (the validation source is read even when not evaluating, as without --streaming)
+    cfg = TrainConfig(train_file=tiny_pair["val"], validation_file=str(tmp_path / "empty.txt"), block_size=16,
+                      eval_steps=0, shuffle_buffer_size=4)  # fmt: skip
+    with pytest.raises(ConfigError, match="the validation data is empty: no text found"):
+        streaming.streaming_data(cfg, "logit", tok, tok, 0, 1)
+    with pytest.raises(ConfigError, match="the validation data is empty: no text found"):
+        data_mod.load_blocks(cfg, "logit", tok, tok)
+
+
+def test_resuming_a_stream_whose_file_changed_is_refused(tiny_pair, tmp_path):
+    import os
+
+    tok = AutoTokenizer.from_pretrained(tiny_pair["teacher"])
+    f = tmp_path / "t.txt"
+    text = "\n".join(Path(tiny_pair["train"]).read_text().splitlines()[:100]) + "\n"
+    f.write_text(text)
+    cfg = TrainConfig(train_file=str(f), block_size=16)
+
+    def stream():
+        src = streaming.BlockSource(lambda: data_mod.text_datasets(cfg, streaming=True)[0], "text", False,
+                                    streaming.LogitPacker(tok, 16), batch_docs=8)  # fmt: skip
+        return streaming.StreamingBatches(src, 2, 7, 4)
+
+    a = stream()
+    for _ in range(5):
+        next(a)
+    a.save_files(tmp_path)
+    expected = next(a)
+    st = os.stat(f)
+    shutil.copy2(f, tmp_path / "copy.txt")
+    os.replace(tmp_path / "copy.txt", f)  # a copy keeping the modification time: the same data
+    b = stream()
+    b.restore(a.checkpoint_state(), tmp_path)
+    assert _same(next(b), expected)
+    for new in (text.swapcase(), text[:200]):
+        f.write_text(new)
+        os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # (even with the modification time restored)
+        with pytest.raises(ConfigError, match="t.txt changed since the checkpoint was written"):
+            stream().restore(a.checkpoint_state(), tmp_path)
+
+
+def test_a_streamed_corpus_smaller_than_a_batch_or_the_buffer(tiny_pair, tmp_path, caplog):
+    tok = AutoTokenizer.from_pretrained(tiny_pair["teacher"])
+    f = tmp_path / "small.txt"
+    f.write_text("\n".join(Path(tiny_pair["train"]).read_text().splitlines()[:20]) + "\n")
+    cfg = TrainConfig(train_file=str(f), block_size=16, eval_steps=0, per_device_batch_size=2)
+    n = data_mod.num_blocks(data_mod.logit_blocks(data_mod.load_texts(cfg)[0], tok, 16))
+    assert 4 <= n < 40
+    with caplog.at_level("WARNING", logger="sar_kd"):
+        stream = streaming.streaming_data(cfg, "logit", tok, tok, 0, 2)[0]
+    assert stream.buffer_size == n and f"more than the {n} training blocks" in caplog.text
+    cfg.per_device_batch_size = n
+    with pytest.raises(ConfigError, match=f"{n} training block\\(s\\) cannot fill one batch of {n} x 2 process"):
+        streaming.streaming_data(cfg, "logit", tok, tok, 0, 2)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -17,27 +20,47 @@ from .config import ConfigError, TrainConfig
 logger = logging.getLogger(__name__)
 
 
-def _read_local(path: str, text_column: str) -> list[str]:
-    """Documents of a local file: .txt gives one per line, .jsonl one per object (its ``text_column``)."""
-    p = Path(path)
+def local_documents(path: str, text_column: str) -> Iterator[str]:
+    """The documents of a local file, read lazily: a ``.txt`` file gives one per line as ``str.splitlines``
+    splits it (also at U+2028, ``\\x0c``, ``\\x85``, ...; ``text_column`` is not used), any other file one per
+    JSON object per line (its ``text_column``; blank lines skipped). Both paths, and :func:`load_texts`,
+    read local files through this function, so their documents (and --max_train_samples) are the same.
+    A ConfigError names the file and the line for text that cannot be read."""
+    txt = Path(path).suffix == ".txt"
     try:
-        raw = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read {path}: {type(e).__name__}: {e}") from e
-    if p.suffix == ".txt":
-        return raw.splitlines()
-    docs = []
-    for i, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"cannot read {path}: line {i} is not valid JSON ({e.msg})") from e
-        if not isinstance(obj, dict) or not isinstance(obj.get(text_column), str):
-            raise ConfigError(f"{path} line {i} has no string field {text_column!r}; set --text_column")
-        docs.append(obj[text_column])
-    return docs
+        f = open(path, "rb")  # noqa: SIM115 (lines split at b"\n" and decoded one by one: an error names its line)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {type(e).__name__}: {e.strerror or e}") from e
+    with f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"cannot read {path}: line {i} is not valid UTF-8 ({e.reason})") from e
+            if txt:
+                yield from line.splitlines()  # (a "\r\n" or "\n" ending makes no extra empty document)
+                continue
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"cannot read {path}: line {i} is not valid JSON ({e.msg})") from e
+            text = obj.get(text_column) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                why = (
+                    "not a JSON object" if not isinstance(obj, dict)
+                    else "no such field" if text_column not in obj
+                    else "it is null" if text is None
+                    else f"it is {type(text).__name__}"
+                )  # fmt: skip
+                raise ConfigError(f"{path} line {i} has no string field {text_column!r} ({why}); set --text_column")
+            yield text
+
+
+def _read_local(path: str, text_column: str) -> list[str]:
+    """All documents of a local file (:func:`local_documents`)."""
+    return list(local_documents(path, text_column))
 
 
 def load_texts(cfg: TrainConfig) -> tuple[list[str], list[str] | None]:
@@ -75,27 +98,94 @@ def load_texts(cfg: TrainConfig) -> tuple[list[str], list[str] | None]:
 # with ``Dataset.map``) or, with --streaming, an IterableDataset read as it is needed.
 
 
-STREAM_CHUNK_BYTES = 1 << 20
+LOCAL_READER = "sar_kd.local_documents.v2"  # (in the fingerprint of a local file's Arrow build)
+_FILES = "sar_kd_files"  # attribute of a dataset from text_datasets: {local path: file_identity}
 
 
-def _load(cfg: TrainConfig, path: str | None, streaming: bool):
-    """The 'train' split of the hub dataset (``path`` None) or the local file ``path``: a (streaming)
-    dataset of rows; ConfigError when it cannot be read."""
+def file_identity(path: str) -> dict:
+    """What identifies a local file's contents without reading all of it: size, modification and
+    status-change times (ns), inode, and a hash of three 64 KiB samples (start, middle, end), so a file
+    rewritten in place with its modification time restored is still a changed file."""
+    import hashlib
+
+    try:
+        st = os.stat(path)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for at in sorted({0, max(0, st.st_size // 2 - (1 << 15)), max(0, st.st_size - (1 << 16))}):
+                f.seek(at)
+                h.update(f.read(1 << 16))
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {type(e).__name__}: {e.strerror or e}") from e
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino,
+            "sample_sha256": h.hexdigest()}  # fmt: skip
+
+
+def same_contents(saved: dict, now: dict) -> bool:
+    """Whether two :func:`file_identity` values name the same contents (a copy with its modification time
+    kept, e.g. ``cp -p`` or ``rsync -t``, is the same: inode and status-change time are not compared)."""
+    return all(saved.get(k) == now.get(k) for k in ("size", "mtime_ns", "sample_sha256"))
+
+
+def source_files(ds) -> dict | None:
+    """{path: :func:`file_identity`} of the local file a dataset from :func:`text_datasets` reads (None: a hub dataset)."""
+    return getattr(ds, _FILES, None)
+
+
+def _local_rows(path: str, column: str, identity: str):
+    """The ``Dataset.from_generator`` generator of a local file: one row ``{column: document}`` per
+    document. ``identity`` (the file's :func:`file_identity`, JSON) keys the Arrow build; a streamed
+    epoch that finds the file changed since the run started stops with a ConfigError."""
+    if not same_contents(json.loads(identity), file_identity(path)):
+        raise ConfigError(f"{path} changed while the run was reading it: restart the run")
+    for doc in local_documents(path, column):
+        yield {column: doc}
+
+
+def _load_local(cfg: TrainConfig, path: str, streaming: bool, role: str):
+    """A local file as a (streaming) dataset of its documents (:func:`local_documents`), one row each, in
+    the column ``--text_column``. The Arrow build is cached under a fingerprint of the reader, the path,
+    the column and the file's :func:`file_identity`: a changed file is a new dataset."""
+    import datasets
+    from datasets.fingerprint import Hasher
+
+    ident = file_identity(path)
+    kw = {"path": str(Path(path).resolve()), "column": cfg.text_column, "identity": json.dumps(ident, sort_keys=True)}
+    features = datasets.Features({cfg.text_column: datasets.Value("string")})
+    with quiet_datasets(f"cannot read {path}", root_cause=True):
+        if streaming:
+            ds = datasets.IterableDataset.from_generator(_local_rows, features=features, gen_kwargs=kw)
+        else:
+            fp = Hasher.hash((LOCAL_READER, kw))
+            try:
+                ds = datasets.Dataset.from_generator(_local_rows, features=features, gen_kwargs=kw, fingerprint=fp)
+            except ValueError as e:
+                if "corresponds to no data" not in str(e):
+                    raise
+                raise ConfigError(f"the {role} data is empty: no text found in {path}") from None
+    setattr(ds, _FILES, {kw["path"]: ident})
+    return ds
+
+
+def _load(cfg: TrainConfig, path: str | None, streaming: bool, role: str = "training"):
+    """The hub dataset (``path`` None: its splits) or the local file ``path`` (:func:`_load_local`); a
+    ConfigError when it cannot be read."""
     import datasets
 
-    what = f"dataset {cfg.dataset_name!r} ({cfg.dataset_config_name})" if path is None else path
-    with quiet_datasets(f"cannot load {what}" if path is None else f"cannot read {path}", root_cause=path is not None):
-        if path is None:
-            return datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, streaming=streaming)
-        builder = "text" if Path(path).suffix == ".txt" else "json"
-        # streamed: read 1 MiB at a time (the builders' default, 10 MiB, would be most of a small run's data memory)
-        kw = {"chunksize": STREAM_CHUNK_BYTES} if streaming else {}
-        return datasets.load_dataset(builder, data_files={"train": path}, split="train", streaming=streaming, **kw)
+    if path is not None:
+        return _load_local(cfg, path, streaming, role)
+    with quiet_datasets(f"cannot load dataset {cfg.dataset_name!r} ({cfg.dataset_config_name})", root_cause=False):
+        return datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, streaming=streaming)
+
+
+_UNWRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOSPC, errno.EDQUOT)
 
 
 @contextlib.contextmanager
 def quiet_datasets(what: str, root_cause: bool = True):
-    """`datasets`' own error logging off; an error becomes one ConfigError line (naming its root cause)."""
+    """`datasets`' own error logging off; an error becomes one ConfigError line (naming its root cause;
+    a ConfigError raised inside, e.g. by :func:`local_documents`, as it is; a cache directory that cannot
+    be written, as such)."""
     log = logging.getLogger("datasets")
     level = log.level
     log.setLevel(logging.CRITICAL)
@@ -104,21 +194,64 @@ def quiet_datasets(what: str, root_cause: bool = True):
     except ConfigError:
         raise
     except Exception as e:
-        root = e
-        while root_cause and (root.__cause__ is not None or root.__context__ is not None):
+        root, chain_ = e, [e]
+        while root.__cause__ is not None or root.__context__ is not None:
             root = root.__cause__ or root.__context__
+            chain_.append(root)
+        ours = next((x for x in chain_ if isinstance(x, ConfigError)), None)
+        if ours is not None:
+            raise ConfigError(str(ours)) from e
+        cache = _unwritable_cache(chain_)
+        if cache is not None:
+            raise ConfigError(
+                f"cannot write to the datasets cache {cache} ({cache_problem(cache)}): "
+                "set HF_DATASETS_CACHE to a writable directory"
+            ) from e
+        if not root_cause:
+            root = e
         first = str(root).splitlines()[0] if str(root) else ""
         raise ConfigError(f"{what}: {type(root).__name__}: {first}") from e
     finally:
         log.setLevel(level)
 
 
+def _datasets_cache() -> str:
+    import datasets
+
+    return str(datasets.config.HF_DATASETS_CACHE)
+
+
+def cache_problem(cache: str) -> str:
+    """Why ``cache`` cannot be written ("" when it can): a probe file is created and removed."""
+    import tempfile
+
+    try:
+        os.makedirs(cache, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache):
+            pass
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    return ""
+
+
+def _unwritable_cache(errors: list[BaseException]) -> str | None:
+    """The datasets cache directory when one of ``errors`` is a failure to write it, else None."""
+    cache = _datasets_cache()
+    for e in errors:
+        if isinstance(e, OSError) and e.errno in _UNWRITABLE:
+            name = str(e.filename or "")
+            if (not name or os.path.abspath(name).startswith(os.path.abspath(cache))) and cache_problem(cache):
+                return cache
+    return None
+
+
 def text_datasets(cfg: TrainConfig, streaming: bool = False):
     """``(train, validation or None)`` rows as `datasets` datasets (IterableDatasets when ``streaming``),
-    capped by --max_train_samples. Local .txt files are read by `datasets`' text builder."""
+    capped by --max_train_samples: one row per document, so the cap counts what :func:`load_texts`
+    counts. Local files are read by :func:`local_documents` (each by its own suffix)."""
     if cfg.train_file is not None:
-        train = _load(cfg, cfg.train_file, streaming)
-        val = _load(cfg, cfg.validation_file, streaming) if cfg.validation_file else None
+        train = _load(cfg, cfg.train_file, streaming, "training")
+        val = _load(cfg, cfg.validation_file, streaming, "validation") if cfg.validation_file else None
     else:
         dsd = _load(cfg, None, streaming)
         if "train" not in dsd:
@@ -126,24 +259,28 @@ def text_datasets(cfg: TrainConfig, streaming: bool = False):
         train = dsd["train"]
         val_split = next((s for s in ("validation", "valid", "test") if s in dsd), None)
         val = dsd[val_split] if val_split else None
-    hub = f"dataset {cfg.dataset_name!r}"
-    for ds, name in ((train, cfg.train_file or hub), (val, cfg.validation_file or f"{hub} (validation)")):
-        cols = None if ds is None else ds.column_names  # (unknown for some streamed sources: checked when read)
-        if cols is not None and cfg.text_column not in cols:
-            raise ConfigError(f"{name} has no {cfg.text_column!r} column (columns: {cols}); set --text_column")
+        hub = f"dataset {cfg.dataset_name!r}"
+        for ds, name in ((train, hub), (val, f"{hub} (validation)")):
+            cols = None if ds is None else ds.column_names  # (unknown for some streamed sources: checked when read)
+            if cols is not None and cfg.text_column not in cols:
+                raise ConfigError(f"{name} has no {cfg.text_column!r} column (columns: {cols}); set --text_column")
     if cfg.max_train_samples is not None:
+        files = source_files(train)
         train = (
             train.take(cfg.max_train_samples)
             if streaming
             else train.select(range(min(cfg.max_train_samples, len(train))))
         )
+        if files is not None:
+            setattr(train, _FILES, files)
     return train, val
 
 
 def split_lines_of(cfg: TrainConfig) -> bool:
-    """Whether rows are lines of a local .txt file, split again as ``str.splitlines`` does (`datasets`
-    splits at "\\n" only), so the documents are exactly those of :func:`load_texts`."""
-    return cfg.train_file is not None and Path(cfg.train_file).suffix == ".txt"
+    """False: every source's rows are its documents already (a local .txt file is split as
+    ``str.splitlines`` splits it by :func:`local_documents`, each file by its own suffix). Kept for
+    callers of :class:`sar_kd.streaming.BlockSource` and :func:`row_documents`."""
+    return False
 
 
 def row_documents(rows: list, column: str, split_lines: bool) -> list[str]:
@@ -173,20 +310,50 @@ def _tokenize_rows(batch: dict, column: str, split_lines: bool, toks: dict, offs
 _TOKENIZER_HASHES: dict[int, tuple[object, str]] = {}  # id -> (tokenizer, hash), the latest few
 
 
+_NOT_ENCODING = {  # init kwargs that are where the tokenizer came from, not how it encodes
+    "name_or_path", "_name_or_path", "is_local", "local_files_only", "cache_dir", "revision", "token",
+    "_commit_hash", "trust_remote_code", "chat_template", "vocab_file", "merges_file", "tokenizer_file",
+    "special_tokens_map_file", "tokenizer_object", "backend",
+}  # fmt: skip
+_ENCODING_ATTRS = ("split_special_tokens", "add_bos_token", "add_eos_token", "add_prefix_space", "do_lower_case",
+                   "clean_up_tokenization_spaces", "padding_side", "truncation_side")  # fmt: skip
+
+
+def _jsonable(v):
+    """``v`` as plain JSON values (AddedToken as its fields; other objects as their type name only)."""
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
+    if hasattr(v, "content") and hasattr(v, "special"):  # tokenizers.AddedToken
+        return {a: getattr(v, a, None) for a in ("content", "single_word", "lstrip", "rstrip", "normalized", "special")}
+    return f"<{type(v).__name__}>"
+
+
 def _tokenizer_hash(tok) -> str:
-    """A hash of everything that decides the tokenizer's output (the fast tokenizer's full definition)."""
+    """A hash of everything that decides the tokenizer's output: the fast tokenizer's full definition
+    (``tokenizer.json``), its class, and its settings outside it (``init_kwargs`` from
+    ``tokenizer_config.json``, e.g. ``split_special_tokens``, and the attributes that change ids)."""
     import hashlib
 
     known = _TOKENIZER_HASHES.get(id(tok))
     if known is not None and known[0] is tok:
         return known[1]
+    kwargs = {k: v for k, v in (getattr(tok, "init_kwargs", None) or {}).items() if k not in _NOT_ENCODING}
+    attrs = {a: getattr(tok, a) for a in _ENCODING_ATTRS if hasattr(tok, a)}
+    settings = json.dumps(
+        {"class": f"{type(tok).__module__}.{type(tok).__qualname__}", "init_kwargs": _jsonable(kwargs),
+         "attrs": _jsonable(attrs)}, sort_keys=True,
+    )  # fmt: skip
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
-        h = hashlib.sha256(backend.to_str().encode()).hexdigest()
+        h = hashlib.sha256((backend.to_str() + "\0" + settings).encode()).hexdigest()
     else:
         from datasets.fingerprint import Hasher
 
-        h = Hasher.hash(tok)
+        h = Hasher.hash((Hasher.hash(tok), settings))
     while len(_TOKENIZER_HASHES) >= 4:  # (the latest run's tokenizers only: each entry keeps its tokenizer alive)
         del _TOKENIZER_HASHES[next(iter(_TOKENIZER_HASHES))]
     _TOKENIZER_HASHES[id(tok)] = (tok, h)
@@ -201,20 +368,21 @@ def tokenized_dataset(ds, cfg: TrainConfig, toks: dict, offsets: bool):
 
     split = split_lines_of(cfg)
     fp = Hasher.hash(
-        ("sar_kd.tokenize.v1", ds._fingerprint, cfg.text_column, split, offsets,
+        ("sar_kd.tokenize.v2", ds._fingerprint, cfg.text_column, split, offsets,
          sorted((n, _tokenizer_hash(t)) for n, t in toks.items()))
     )  # fmt: skip
     fn_kwargs = {"column": cfg.text_column, "split_lines": split, "toks": toks, "offsets": offsets}
-    return ds.map(
-        _tokenize_rows,
-        batched=True,
-        batch_size=1000,
-        fn_kwargs=fn_kwargs,
-        remove_columns=ds.column_names,
-        num_proc=cfg.preprocessing_num_workers,
-        new_fingerprint=fp,
-        desc="tokenising",
-    )
+    with quiet_datasets(f"cannot tokenise {cfg.train_file or cfg.dataset_name}"):
+        return ds.map(
+            _tokenize_rows,
+            batched=True,
+            batch_size=1000,
+            fn_kwargs=fn_kwargs,
+            remove_columns=ds.column_names,
+            num_proc=cfg.preprocessing_num_workers,
+            new_fingerprint=fp,
+            desc="tokenising",
+        )
 
 
 def _flat(ds, column: str, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
@@ -231,11 +399,11 @@ def _flat(ds, column: str, dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
     return values, arr.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _check_text(tok, role: str) -> None:
+def _check_text(tok, role: str, name: str) -> None:
     import pyarrow.compute as pc
 
     if len(tok) == 0 or pc.all(tok.data.column("blank")).as_py():
-        raise ConfigError(f"the {role} data is empty: no text found")
+        raise ConfigError(f"the {role} data is empty: no text found in {name}")
 
 
 def load_blocks(cfg: TrainConfig, mode: str, teacher_tok, student_tok) -> tuple[dict, dict | None]:
@@ -244,17 +412,20 @@ def load_blocks(cfg: TrainConfig, mode: str, teacher_tok, student_tok) -> tuple[
     the `datasets` cache (see :func:`tokenized_dataset`)."""
     train_ds, val_ds = text_datasets(cfg)
 
+    hub = f"dataset {cfg.dataset_name!r}"
+
     def blocks(ds, role: str) -> dict:
+        name = (cfg.train_file or hub) if role == "training" else (cfg.validation_file or f"{hub} (validation)")
         if mode == "logit":
             tok = tokenized_dataset(ds, cfg, {"teacher": teacher_tok}, offsets=False)
-            _check_text(tok, role)
+            _check_text(tok, role, name)
             ids = torch.from_numpy(_flat(tok, "teacher_ids")[0])
             n = len(ids) // cfg.block_size
             ids = ids[: n * cfg.block_size].view(n, cfg.block_size)
             count = torch.full((n,), cfg.block_size - 1, dtype=torch.long)
             return {"input_ids": ids, "n_kd": count, "n_ce": count.clone(), "n_tce": count.clone()}
         tok = tokenized_dataset(ds, cfg, {"student": student_tok, "teacher": teacher_tok}, offsets=True)
-        _check_text(tok, role)
+        _check_text(tok, role, name)
         pieces = as_stream(row_documents(ds[cfg.text_column], cfg.text_column, split_lines_of(cfg)))
         stream = "".join(pieces)
         starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])

@@ -137,7 +137,9 @@ class BlockSource:
         batch_docs: int = 256, what: str = "the streamed data",
     ) -> None:  # fmt: skip
         self.ds = open_dataset()
+        self.files = data.source_files(self.ds)  # {path: identity} of a local file, compared on resume
         self.what = what
+        self.text_seen = False  # a document with text was read (else the data is empty)
         self.column, self.split_lines, self.packer = column, split_lines, packer
         self.skip, self.endless, self.batch_docs = skip, endless, batch_docs
         self.it = None
@@ -179,6 +181,7 @@ class BlockSource:
             if rows:
                 self.reader = self.ds.state_dict()
             docs = data.row_documents([r.get(self.column) for r in rows], self.column, self.split_lines)
+            self.text_seen = self.text_seen or any(d.strip() for d in docs)
             final = len(rows) < self.batch_docs
             blocks = self.packer.feed(docs, final)
             self.done = final
@@ -210,10 +213,25 @@ class BlockSource:
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch, "filled": self.filled, "index": self.pos["index"], "reader": self.pos["reader"],
-            "carry": self.pos["carry"], "taken": self.qi, "yielded": self.yielded,
+            "carry": self.pos["carry"], "taken": self.qi, "yielded": self.yielded, "files": self.files,
         }  # fmt: skip
 
+    def check_files(self, saved: dict | None) -> None:
+        """A ConfigError when a local file read by the checkpointed stream has changed since (its size,
+        modification time or sampled contents, :func:`sar_kd.data.same_contents`)."""
+        if not saved or not self.files:
+            return  # (a hub dataset, or a checkpoint from before the files were recorded)
+        for path, ident in saved.items():
+            now = self.files.get(path)
+            if now is None or not data.same_contents(ident, now):
+                what = "is not read any more" if now is None else "changed since the checkpoint was written"
+                raise ConfigError(
+                    f"cannot resume the stream: {path} {what} (size, modification time or contents differ); "
+                    "resume with the same data or start a fresh run"
+                )
+
     def load_state_dict(self, state: dict) -> None:
+        self.check_files(state.get("files"))
         self._start_epoch(state["epoch"], state["reader"] if state["filled"] else None)
         if not state["filled"]:
             return
@@ -221,8 +239,8 @@ class BlockSource:
         self.pos = {"index": state["index"], "reader": state["reader"], "carry": state["carry"]}
         self.qn = 0
         self._fill()  # the same documents again, packed into the same blocks
-        if self.pos["index"] != state["index"]:
-            raise ConfigError("the streamed data changed since the checkpoint was written: cannot resume exactly")
+        if self.qn < state["taken"]:  # (a hub dataset whose data changed: the batch packs fewer blocks now)
+            raise ConfigError("cannot resume the stream: the streamed data changed since the checkpoint was written")
         self.qi, self.yielded = state["taken"], state["yielded"]
 
 
@@ -341,24 +359,51 @@ def streaming_data(cfg: TrainConfig, mode: str, teacher_tok, student_tok, rank: 
 
     n_val = (cfg.eval_max_batches or 0) * cfg.per_device_batch_size if cfg.eval_steps else 0
     held, val = 0, {}
-    if val_ds is not None:
-        if n_val:
-            val_name = cfg.validation_file or f"dataset {cfg.dataset_name!r} (validation)"
-            val = first_blocks(source(lambda: val_ds, val_name, endless=False), n_val)
-            if not val:
-                raise ConfigError(f"the validation data holds fewer than --block_size {cfg.block_size} tokens")
+    if val_ds is not None:  # (read even when not evaluating: a bad validation source is refused as without --streaming)
+        val_name = cfg.validation_file or f"dataset {cfg.dataset_name!r} (validation)"
+        vsrc = source(lambda: val_ds, val_name, endless=False)
+        val = first_blocks(vsrc, max(n_val, 1))
+        if not val:
+            raise ConfigError(
+                f"the validation data is empty: no text found in {val_name}"
+                if not vsrc.text_seen
+                else f"the validation data holds fewer than --block_size {cfg.block_size} tokens"
+            )
+        if not n_val:
+            val = {}
     elif n_val:  # no validation source: the first blocks of the training stream, held out from training
         held = n_val
         val = first_blocks(source(endless=False), held)
-    probe = first_blocks(source(skip=held, endless=False), 64)
+    # The first blocks past the held-out ones, at most enough for the shuffle buffer: when the data ends
+    # first, one epoch's size is known, and it must fill one global batch; the buffer is capped at it.
+    global_batch = cfg.per_device_batch_size * world
+    want = max(64, global_batch, cfg.shuffle_buffer_size)
+    psrc = source(skip=held, endless=False)
+    probe = first_blocks(psrc, want)
+    n = data.num_blocks(probe) if probe else 0
     if not probe:
         raise ConfigError(
-            f"the training data holds fewer than --block_size {cfg.block_size} tokens"
+            f"the training data is empty: no text found in {name}"
+            if not psrc.text_seen
+            else f"the training data holds fewer than --block_size {cfg.block_size} tokens"
             + (f" past the {held} block(s) held out for validation" if held else "")
             + ": give more text or a smaller block size"
         )
+    buffer_size = cfg.shuffle_buffer_size
+    if n < want:  # the whole epoch was read: n blocks
+        if n < global_batch:
+            raise ConfigError(
+                f"{n} training block(s) cannot fill one batch of {cfg.per_device_batch_size} x {world} process(es)"
+                + (f" (past the {held} held out for validation)" if held else "")
+                + ": give more text or a smaller --block_size/--per_device_batch_size"
+            )
+        if buffer_size > n:
+            logger.warning(
+                f"--shuffle_buffer_size {buffer_size} is more than the {n} training blocks of one epoch: "
+                f"the buffer holds {n} (a larger one would hold the same block twice)"
+            )
+            buffer_size = n
+    probe = {k: v[:64] for k, v in probe.items()}
     src = source(skip=held)
-    stream = StreamingBatches(
-        src, cfg.per_device_batch_size, cfg.seed, cfg.shuffle_buffer_size, rank, world, held_out=held
-    )
+    stream = StreamingBatches(src, cfg.per_device_batch_size, cfg.seed, buffer_size, rank, world, held_out=held)
     return stream, val, held, probe
