@@ -297,7 +297,7 @@ class Trainer:
         self.train_blocks, self.val_blocks = None, val
         n_val = data.num_blocks(val) if val else 0
         self._log(
-            f"data: streamed blocks of {cfg.block_size} tokens, shuffle buffer {cfg.shuffle_buffer_size}; "
+            f"data: streamed blocks of {cfg.block_size} tokens, shuffle buffer {self.stream.buffer_size}; "
             f"{n_val} validation blocks"
             + (" (the first of the training stream, held out)" if held else "")
             + f"; effective batch {cfg.effective_batch_size * acc.num_processes} blocks per optimizer step"
