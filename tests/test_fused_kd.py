@@ -179,6 +179,18 @@ def test_backward_with_other_weights_than_declared_raises():
     with pytest.raises(RuntimeError, match="not proportional"):
         (kd + ce).backward()
 
+    def small_ce():  # a term weighted far below the other is checked on its own scale too
+        return losses.chunked_lm_losses(
+            student.hidden(ids), teacher.hidden(ids), OutputHead(student, VOCAB), OutputHead(teacher, VOCAB),
+            _labels(), 2.0, 5, loss_weights=(1.0, 5e-5, 0.0),
+        )  # fmt: skip
+
+    kd, ce, _ = small_ce()
+    (3.0 * (kd + 5e-5 * ce)).backward()
+    kd, ce, _ = small_ce()
+    with pytest.raises(RuntimeError, match="not proportional"):
+        kd.backward()
+
 
 def test_no_grad_gives_the_same_sums_and_saves_only_hidden_sized_gradients():
     student, teacher = _LM(8, seed=0), _LM(12, seed=1)
