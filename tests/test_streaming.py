@@ -46,7 +46,7 @@ def _same(a: dict, b: dict) -> bool:
 def _streamed(cfg, mode, toks, batch_docs, **kw):
     s_tok, t_tok = toks
     src = streaming.BlockSource(
-        lambda: data_mod.text_datasets(cfg, streaming=True)[0], cfg.text_column, data_mod.split_lines_of(cfg),
+        lambda: data_mod.text_datasets(cfg, streaming=True)[0], cfg.text_column,
         streaming.make_packer(mode, t_tok, s_tok, cfg.block_size), endless=False, batch_docs=batch_docs, **kw,
     )  # fmt: skip
     return streaming.first_blocks(src, 10**9)
@@ -127,7 +127,7 @@ def test_shuffle_buffer_resumes_exactly_and_ranks_share_the_global_batch(tiny_pa
 
     def stream(batch_size=2, rank=0, world=1):
         src = streaming.BlockSource(
-            lambda: data_mod.text_datasets(cfg, streaming=True)[0], "text", True,
+            lambda: data_mod.text_datasets(cfg, streaming=True)[0], "text",
             streaming.LogitPacker(tok, 32), skip=3, batch_docs=40,
         )  # fmt: skip
         return streaming.StreamingBatches(src, batch_size, 7, 6, rank, world, held_out=3)
@@ -248,7 +248,7 @@ def test_two_streaming_processes_match_one(tiny_pair, tmp_path):
 def _both_paths(cfg, tok, split=0):
     """(streamed, cached) logit blocks of split 0 (training) or 1 (validation)."""
     ds = data_mod.text_datasets(cfg, streaming=True)[split]
-    src = streaming.BlockSource(lambda: ds, cfg.text_column, False, streaming.LogitPacker(tok, cfg.block_size),
+    src = streaming.BlockSource(lambda: ds, cfg.text_column, streaming.LogitPacker(tok, cfg.block_size),
                                 endless=False, batch_docs=7)  # fmt: skip
     return streaming.first_blocks(src, 10**9), data_mod.load_blocks(cfg, "logit", tok, tok)[split]
 
@@ -362,7 +362,7 @@ def test_resuming_a_stream_whose_file_changed_is_refused(tiny_pair, tmp_path):
     cfg = TrainConfig(train_file=str(f), block_size=16)
 
     def stream():
-        src = streaming.BlockSource(lambda: data_mod.text_datasets(cfg, streaming=True)[0], "text", False,
+        src = streaming.BlockSource(lambda: data_mod.text_datasets(cfg, streaming=True)[0], "text",
                                     streaming.LogitPacker(tok, 16), batch_docs=8)  # fmt: skip
         return streaming.StreamingBatches(src, 2, 7, 4)
 

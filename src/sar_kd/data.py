@@ -276,26 +276,21 @@ def text_datasets(cfg: TrainConfig, streaming: bool = False):
     return train, val
 
 
-def split_lines_of(cfg: TrainConfig) -> bool:
-    """False: every source's rows are its documents already (a local .txt file is split as
-    ``str.splitlines`` splits it by :func:`local_documents`, each file by its own suffix). Kept for
-    callers of :class:`sar_kd.streaming.BlockSource` and :func:`row_documents`."""
-    return False
-
-
-def row_documents(rows: list, column: str, split_lines: bool) -> list[str]:
-    """The documents of a batch of ``column`` values (a ConfigError for a value that is not text)."""
+def row_documents(rows: list, column: str) -> list[str]:
+    """The documents of a batch of ``column`` values, one per row (a local .txt file's rows are already
+    split as ``str.splitlines`` splits them: :func:`local_documents`); a ConfigError for a value that
+    is not text."""
     for v in rows:
         if not isinstance(v, str):
             raise ConfigError(f"a row's {column!r} is {type(v).__name__}, not text; set --text_column")
-    return list(chain.from_iterable(v.splitlines() for v in rows)) if split_lines else rows
+    return rows
 
 
-def _tokenize_rows(batch: dict, column: str, split_lines: bool, toks: dict, offsets: bool) -> dict:
+def _tokenize_rows(batch: dict, column: str, toks: dict, offsets: bool) -> dict:
     """``Dataset.map`` function: one output row per non-empty document (its stream piece, as by
     :func:`as_stream`): ``n_chars``, ``blank`` and, per tokenizer, ``{name}_ids`` (+ ``{name}_offsets``,
     flattened start, end pairs)."""
-    pieces = as_stream(row_documents(batch[column], column, split_lines))
+    pieces = as_stream(row_documents(batch[column], column))
     out: dict[str, list] = {"n_chars": [len(p) for p in pieces], "blank": [not p.strip() for p in pieces]}
     for name, tok in toks.items():
         enc = tok(pieces, add_special_tokens=False, return_offsets_mapping=offsets) if pieces else {}
@@ -366,12 +361,11 @@ def tokenized_dataset(ds, cfg: TrainConfig, toks: dict, offsets: bool):
     this function: a second start, or a resume, reads the cache instead of tokenising again."""
     from datasets.fingerprint import Hasher
 
-    split = split_lines_of(cfg)
     fp = Hasher.hash(
-        ("sar_kd.tokenize.v2", ds._fingerprint, cfg.text_column, split, offsets,
+        ("sar_kd.tokenize.v2", ds._fingerprint, cfg.text_column, offsets,
          sorted((n, _tokenizer_hash(t)) for n, t in toks.items()))
     )  # fmt: skip
-    fn_kwargs = {"column": cfg.text_column, "split_lines": split, "toks": toks, "offsets": offsets}
+    fn_kwargs = {"column": cfg.text_column, "toks": toks, "offsets": offsets}
     with quiet_datasets(f"cannot tokenise {cfg.train_file or cfg.dataset_name}"):
         return ds.map(
             _tokenize_rows,
@@ -426,7 +420,7 @@ def load_blocks(cfg: TrainConfig, mode: str, teacher_tok, student_tok) -> tuple[
             return {"input_ids": ids, "n_kd": count, "n_ce": count.clone(), "n_tce": count.clone()}
         tok = tokenized_dataset(ds, cfg, {"student": student_tok, "teacher": teacher_tok}, offsets=True)
         _check_text(tok, role, name)
-        pieces = as_stream(row_documents(ds[cfg.text_column], cfg.text_column, split_lines_of(cfg)))
+        pieces = as_stream(row_documents(ds[cfg.text_column], cfg.text_column))
         stream = "".join(pieces)
         starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
         sides = {}

@@ -133,14 +133,14 @@ class BlockSource:
     ``endless``: start again at the end of the data (a new epoch) instead of stopping."""
 
     def __init__(
-        self, open_dataset, column: str, split_lines: bool, packer, skip: int = 0, endless: bool = True,
+        self, open_dataset, column: str, packer, skip: int = 0, endless: bool = True,
         batch_docs: int = 256, what: str = "the streamed data",
     ) -> None:  # fmt: skip
         self.ds = open_dataset()
         self.files = data.source_files(self.ds)  # {path: identity} of a local file, compared on resume
         self.what = what
         self.text_seen = False  # a document with text was read (else the data is empty)
-        self.column, self.split_lines, self.packer = column, split_lines, packer
+        self.column, self.packer = column, packer
         self.skip, self.endless, self.batch_docs = skip, endless, batch_docs
         self.it = None
         self._start_epoch(0, None)
@@ -180,7 +180,7 @@ class BlockSource:
                 rows = list(islice(self.it, self.batch_docs))
             if rows:
                 self.reader = self.ds.state_dict()
-            docs = data.row_documents([r.get(self.column) for r in rows], self.column, self.split_lines)
+            docs = data.row_documents([r.get(self.column) for r in rows], self.column)
             self.text_seen = self.text_seen or any(d.strip() for d in docs)
             final = len(rows) < self.batch_docs
             blocks = self.packer.feed(docs, final)
@@ -349,13 +349,12 @@ def streaming_data(cfg: TrainConfig, mode: str, teacher_tok, student_tok, rank: 
     def open_train():
         return data.text_datasets(cfg, streaming=True)[0]
 
-    split = data.split_lines_of(cfg)
     _, val_ds = data.text_datasets(cfg, streaming=True)
     name = cfg.train_file or f"dataset {cfg.dataset_name!r}"
 
     def source(open_dataset=open_train, what=name, **kw) -> BlockSource:
         packer = make_packer(mode, teacher_tok, student_tok, cfg.block_size)
-        return BlockSource(open_dataset, cfg.text_column, split, packer, what=what, **kw)
+        return BlockSource(open_dataset, cfg.text_column, packer, what=what, **kw)
 
     n_val = (cfg.eval_max_batches or 0) * cfg.per_device_batch_size if cfg.eval_steps else 0
     held, val = 0, {}
