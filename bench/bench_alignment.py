@@ -124,23 +124,12 @@ def main() -> None:
     }
     result["speedup"] = result["loop_ms"] / result["tensor_ms"]
     if a.full_step:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from real_pair import full_step_ms
+
         result["full_step_ms"] = full_step_ms(dev)
         result["alignment_share_of_step"] = result["tensor_ms"] / result["full_step_ms"]
     print(json.dumps(result))
-
-
-def full_step_ms(dev: torch.device) -> float:
-    """One optimizer step of the real architectures (random weights) on one 1024-token dual sample."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from real_pair import build_trainer
-
-    trainer = build_trainer(dev, mode="hidden", block_size=1024)
-    trainer.train_step()  # warm-up
-    t0 = time.perf_counter()
-    trainer.train_step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1000
 
 
 if __name__ == "__main__":

@@ -282,23 +282,12 @@ def main() -> None:
         "random_head_teacher_mass_on_exact": last["mass_sum"] / max(1, last["n_pairs"]),
     }
     if a.full_step:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from real_pair import full_step_ms
+
         result["full_step_ms"] = full_step_ms(dev)
         result["xtok_share_of_step"] = xtok_ms / result["full_step_ms"]
     print(json.dumps(result), flush=True)
-
-
-def full_step_ms(dev: torch.device) -> float:
-    """One optimizer step of the real architectures (random weights) on one 1024-token dual sample."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    from real_pair import build_trainer
-
-    trainer = build_trainer(dev, mode="hidden", block_size=1024)
-    trainer.train_step()  # warm-up
-    t0 = time.perf_counter()
-    trainer.train_step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1000
 
 
 if __name__ == "__main__":

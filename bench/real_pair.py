@@ -74,3 +74,16 @@ def build_trainer(
     trainer.setup()
     trainer.controller.active = True
     return trainer
+
+
+def full_step_ms(dev: torch.device) -> float:
+    """One optimizer step of the real architectures (random weights) on one 1024-token dual sample."""
+    import time
+
+    trainer = build_trainer(dev, mode="hidden", block_size=1024)
+    trainer.train_step()  # warm-up
+    t0 = time.perf_counter()
+    trainer.train_step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1000

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from family_configs import TINY_COMMON, TINY_DEEPSEEK
 from sar_kd.config import ConfigError
 from sar_kd.routers import (
     RouterController,
@@ -16,15 +17,7 @@ from sar_kd.routers import (
 )
 from sar_kd.toy import tiny_llama_config, tiny_moe_config
 
-COMMON = dict(
-    vocab_size=96,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=128,
-)
+COMMON = TINY_COMMON
 # family -> (extra config, expected router parameter names)
 FAMILIES = {
     "qwen3_moe": (
@@ -44,21 +37,8 @@ FAMILIES = {
         [f"model.layers.{i}.mlp.gate.weight" for i in range(2)],
     ),
     "deepseek_v3": (
-        dict(
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            moe_intermediate_size=48,
-            n_group=1,
-            topk_group=1,
-            first_k_dense_replace=1,
-            q_lora_rank=None,
-            kv_lora_rank=16,
-            qk_rope_head_dim=8,
-            qk_nope_head_dim=8,
-            v_head_dim=8,
-            n_shared_experts=1,
-            num_key_value_heads=4,
-        ),
+        TINY_DEEPSEEK
+        | dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, n_group=1, topk_group=1),
         ["model.layers.1.mlp.gate.weight"],  # layer 0 is dense (first_k_dense_replace=1)
     ),
     "gpt_oss": (
