@@ -36,6 +36,8 @@ RUN_OUTPUTS = (RUN_CONFIG, METRICS, "summary.json", "router_update.pt", "project
 RESUME_KEYS = (
     "teacher_model",
     "student_model",
+    "teacher_gguf_file",
+    "student_gguf_file",
     "dataset_name",
     "dataset_config_name",
     "train_file",

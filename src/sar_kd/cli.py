@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import ConfigError, config_from_args
+from .config import ConfigError, config_from_args, gguf_source
 
 logger = logging.getLogger("sar_kd")
 
@@ -53,13 +53,22 @@ def apply_router_main(argv: list[str] | None = None) -> int:
     from .routers import apply_router_update
 
     p = argparse.ArgumentParser(prog="sar-kd apply-router", description=apply_router_main.__doc__)
-    p.add_argument("--teacher_model", required=True, help="The original teacher (hub id or local directory).")
+    p.add_argument(
+        "--teacher_model", required=True, help="The original teacher (hub id, local directory or .gguf file)."
+    )
+    p.add_argument(
+        "--teacher_gguf_file",
+        default=None,
+        help="The teacher's .gguf file inside the --teacher_model folder (as for training). A GGUF teacher is "
+        "dequantised and written as safetensors.",
+    )
     p.add_argument("--router_update", required=True, help="router_update.pt written by sar-kd train.")
     p.add_argument("--output_dir", required=True, help="Where the adapted teacher is written.")
     p.add_argument("--router_patterns", nargs="+", default=None, help="Same as used for training, if any.")
     p.add_argument("--overwrite_output_dir", action="store_true", help="Replace an existing output directory.")
     p.add_argument("--trust_remote_code", action="store_true", help="Allow custom model code.")
     a = p.parse_args(argv)
+    gguf_source(a.teacher_model, a.teacher_gguf_file, "teacher")  # a bad GGUF name fails before anything loads
     out = Path(a.output_dir)
     if out.exists() and any(out.iterdir()) and not a.overwrite_output_dir:
         raise ConfigError(f"--output_dir {out} is not empty: pass --overwrite_output_dir or choose another")
@@ -72,13 +81,14 @@ def apply_router_main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--router_update {upd_path}: not a readable router update ({type(e).__name__})") from e
     if not isinstance(update, dict) or not all(isinstance(v, torch.Tensor) for v in update.values()):
         raise ConfigError(f"--router_update {upd_path}: expected a dict of tensors")
-    teacher = load_model(a.teacher_model, "teacher", "auto", a.trust_remote_code)
+    teacher = load_model(a.teacher_model, "teacher", "auto", a.trust_remote_code, gguf_file=a.teacher_gguf_file)
     n = apply_router_update(teacher, update, a.router_patterns)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     teacher.save_pretrained(tmp)
     try:
-        load_tokenizer(a.teacher_model, "teacher", a.trust_remote_code).save_pretrained(tmp)
+        tok = load_tokenizer(a.teacher_model, "teacher", a.trust_remote_code, gguf_file=a.teacher_gguf_file)
+        tok.save_pretrained(tmp)
     except ConfigError:
         logger.warning("teacher has no loadable tokenizer; writing the model only")
     if out.exists():

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -31,6 +33,74 @@ class ConfigError(ValueError):
     """A configuration problem the user must fix; the CLI prints it on one line and exits 2."""
 
 
+GGUF_INSTALL = 'pip install "sar-kd[gguf]"'
+
+
+def looks_local(name: str) -> bool:
+    """A path rather than a hub id (``org/name``): absolute, relative, home-based or deeper than one slash."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _is_gguf_name(name: str) -> bool:
+    return Path(name).suffix.lower() == ".gguf"
+
+
+def gguf_source(model: str, gguf_file: str | None, role: str) -> tuple[str, str] | None:
+    """``(folder, file name)`` of a GGUF checkpoint, or ``None`` for a hub id or model directory.
+
+    A GGUF model is named either as the path of a ``.gguf`` file (``--{role}_model path/x.gguf``) or as
+    a local folder plus the file's name in it (``--{role}_model folder --{role}_gguf_file x.gguf``);
+    these are the arguments of transformers' own GGUF loader (``from_pretrained(folder, gguf_file=...)``).
+    A bad combination, a missing file or a missing ``gguf`` package is a one-line :class:`ConfigError`,
+    raised before anything is loaded.
+    """
+    flag = f"--{role}_gguf_file"
+    path = Path(model).expanduser()
+    model_is_file = _is_gguf_name(model) and not path.is_dir()
+    if gguf_file is None and not model_is_file:
+        return None
+    if gguf_file is not None:
+        if model_is_file:
+            raise ConfigError(
+                f"--{role}_model {model} is already a .gguf file and {flag} {gguf_file} names another: give the "
+                f"file's path as --{role}_model alone, or its folder as --{role}_model with {flag}"
+            )
+        if not _is_gguf_name(gguf_file):
+            raise ConfigError(
+                f"{flag} {gguf_file}: not a .gguf file name; give the name of the .gguf file inside the "
+                f"--{role}_model folder (for a model directory with config.json, leave {flag} out)"
+            )
+        if not path.exists():
+            if looks_local(model):
+                raise ConfigError(f"--{role}_model {model}: no such directory (it should hold {gguf_file})")
+            raise ConfigError(
+                f"{flag} needs a local folder as --{role}_model, and {model} is not one (a hub id?): download "
+                f"{gguf_file} and give its folder as --{role}_model, or its path"
+            )
+        if not path.is_dir():
+            raise ConfigError(f"--{role}_model {model}: not a directory ({flag} names a file inside a folder)")
+        path = path / gguf_file
+        if not path.is_file():
+            found = sorted(p.name for p in path.parent.glob("*.gguf"))
+            held = f"it holds {', '.join(found[:4])}{', ...' if len(found) > 4 else ''}" if found else "none there"
+            raise ConfigError(f"{flag} {gguf_file}: no such file in {model} ({held})")
+    elif not path.is_file():
+        raise ConfigError(f"--{role}_model {model}: no such .gguf file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(f"--{role}_model {path}: the .gguf file is not readable")
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(
+            f"--{role}_model {path} is a GGUF checkpoint and reading it needs the gguf package: {GGUF_INSTALL}"
+        )
+    return str(path.parent), path.name
+
+
+def model_name(model: str, gguf_file: str | None) -> str:
+    """The one name the loaders take for ``--{role}_model`` and ``--{role}_gguf_file``: the model itself,
+    or the path of the .gguf file in the folder ``model``."""
+    return str(Path(model) / gguf_file) if gguf_file is not None else model
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -40,8 +110,20 @@ class TrainConfig:
     """All options of a SAR-KD training run."""
 
     # Models
-    teacher_model: str = _f(DEFAULT_TEACHER, "MoE teacher: hub id or local directory.")
-    student_model: str = _f(DEFAULT_STUDENT, "Dense student: hub id or local directory.")
+    teacher_model: str = _f(DEFAULT_TEACHER, "MoE teacher: hub id, local directory, or a local .gguf file.")
+    student_model: str = _f(DEFAULT_STUDENT, "Dense student: hub id, local directory, or a local .gguf file.")
+    teacher_gguf_file: str | None = _f(
+        None,
+        "Load the teacher from this .gguf file inside the --teacher_model folder (the same as giving the "
+        "file's path as --teacher_model). GGUF weights are dequantised to plain float weights on loading; "
+        'needs pip install "sar-kd[gguf]".',
+    )
+    student_gguf_file: str | None = _f(
+        None,
+        "Load the student from this .gguf file inside the --student_model folder (the same as giving the "
+        "file's path as --student_model); dequantised on loading, and the trained student is written as "
+        'safetensors as always. Needs pip install "sar-kd[gguf]".',
+    )
     model_dtype: str = _f(
         "float32",
         "Compute precision. float16/bfloat16 keep fp32 master weights for everything trained "
@@ -480,6 +562,11 @@ def validate_config(cfg: TrainConfig) -> None:
             p = Path(path)
             need(p.is_file(), f"--{name} {path}: no such file")
             need(p.suffix in (".txt", ".jsonl", ".json"), f"--{name} {path}: must be .txt or .jsonl")
+    for role in ("teacher", "student"):
+        try:
+            gguf_source(getattr(cfg, f"{role}_model"), getattr(cfg, f"{role}_gguf_file"), role)
+        except ConfigError as e:
+            problems.append(str(e))
     try:
         parse_layer_pairs(cfg.hidden_layer_pairs)
     except ConfigError as e:

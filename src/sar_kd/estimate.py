@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from .config import DEFAULT_STUDENT, DEFAULT_TEACHER, ConfigError
+from .config import DEFAULT_STUDENT, DEFAULT_TEACHER, ConfigError, gguf_source, model_name
 from .routers import num_experts_of
 
 BUILTIN = {
@@ -55,17 +55,18 @@ def builtin_config(role: str):
     return _vendored_config(BUILTIN[role][0])
 
 
-def resolve_config(name: str, role: str):
-    """A model config from a local dir or hub id; vendored hub ids (the default pair, :data:`BIG_TEACHERS`)
-    use the bundled copy (no network)."""
+def resolve_config(name: str, role: str, gguf_file: str | None = None):
+    """A model config from a local dir, hub id or GGUF file (a ``.gguf`` path, or a folder and ``gguf_file``:
+    read from the file's metadata, no tensor is read); vendored hub ids (the default pair,
+    :data:`BIG_TEACHERS`) use the bundled copy (no network)."""
     import sys
 
     from .loading import load_config
 
-    if name in VENDORED:
+    if name in VENDORED and gguf_file is None:
         print(f"{role} {name}: using the bundled config (sar_kd/assets/configs, no download)", file=sys.stderr)
         return _vendored_config(VENDORED[name])
-    return load_config(name, role)
+    return load_config(name, role, gguf_file=gguf_file)
 
 
 @dataclass
@@ -368,8 +369,17 @@ def estimate_main(argv: list[str] | None = None) -> int:
         description="Estimate the GPU memory of a SAR-KD run from the model configs (nothing is downloaded "
         "but the configs; the default pair works offline).",
     )
-    p.add_argument("--teacher_model", default=DEFAULT_TEACHER)
-    p.add_argument("--student_model", default=DEFAULT_STUDENT)
+    p.add_argument("--teacher_model", default=DEFAULT_TEACHER, help="hub id, local directory or .gguf file")
+    p.add_argument("--student_model", default=DEFAULT_STUDENT, help="hub id, local directory or .gguf file")
+    p.add_argument(
+        "--teacher_gguf_file",
+        default=None,
+        help="the teacher's .gguf file inside the --teacher_model folder (its weights are counted dequantised, "
+        "as training holds them)",
+    )
+    p.add_argument(
+        "--student_gguf_file", default=None, help="the student's .gguf file inside the --student_model folder"
+    )
     p.add_argument("--model_dtype", default="float32", choices=tuple(DTYPE_BYTES))
     p.add_argument("--block_size", type=int, default=1024)
     p.add_argument("--per_device_batch_size", type=int, default=1)
@@ -416,15 +426,18 @@ def estimate_main(argv: list[str] | None = None) -> int:
         raise ConfigError("--block_size, --per_device_batch_size and --num_gpus must be > 0")
     if a.fsdp and a.num_gpus < 2:
         raise ConfigError("--fsdp shards over processes: give --num_gpus 2 or more")
-    t_conf = resolve_config(a.teacher_model, "teacher")
-    s_conf = resolve_config(a.student_model, "student")
+    for role in ("teacher", "student"):  # a bad GGUF name fails before any config is read
+        gguf_source(getattr(a, f"{role}_model"), getattr(a, f"{role}_gguf_file"), role)
+    t_conf = resolve_config(a.teacher_model, "teacher", a.teacher_gguf_file)
+    s_conf = resolve_config(a.student_model, "student", a.student_gguf_file)
     mode = a.mode if a.mode != "auto" else ("logit" if t_conf.vocab_size == s_conf.vocab_size else "xtok")
     if a.table:
         print(memory_table(t_conf, s_conf, mode))
         return 0
     if a.fsdp_table:
-        names = (a.teacher_model, *(n for n in BIG_TEACHERS if n != a.teacher_model))
-        teachers = {n: t_conf if n == a.teacher_model else resolve_config(n, "teacher") for n in names}
+        label = model_name(a.teacher_model, a.teacher_gguf_file)
+        names = (label, *(n for n in BIG_TEACHERS if n != label))
+        teachers = {n: t_conf if n == label else resolve_config(n, "teacher") for n in names}
         print(fsdp_table(teachers, s_conf, a.block_size, a.model_dtype))
         return 0
     gpu = parse_size(a.gpu_memory) if a.gpu_memory else None

@@ -9,16 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, gguf_source, model_name
+from .config import looks_local as _looks_local
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _looks_local(name: str) -> bool:
-    """A path rather than a hub id (``org/name``): absolute, relative, home-based or deeper than one slash."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
 def _check_source(name: str, role: str, need_config: bool = True) -> None:
@@ -26,9 +22,18 @@ def _check_source(name: str, role: str, need_config: bool = True) -> None:
     if p.exists():
         if not p.is_dir():
             raise ConfigError(f"--{role}_model {name}: not a directory")
+        has_config = (p / "config.json").is_file()
+        if not has_config and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            ggufs = sorted(f.name for f in p.glob("*.gguf"))
+            if ggufs:  # a folder of GGUF files only
+                more = f" (and {len(ggufs) - 1} more .gguf files)" if len(ggufs) > 1 else ""
+                raise ConfigError(
+                    f"--{role}_model {name}: no config.json in that directory, but it holds {ggufs[0]}{more}: "
+                    f"pass --{role}_gguf_file {ggufs[0]} to load it"
+                )
         if not need_config:
             return
-        if not (p / "config.json").is_file():
+        if not has_config:
             raise ConfigError(f"--{role}_model {name}: no config.json in that directory")
         if not os.access(p / "config.json", os.R_OK):
             raise ConfigError(f"--{role}_model {name}: config.json is not readable")
@@ -73,8 +78,9 @@ def hub_unreachable(name: str) -> str | None:
     return _hub_down[endpoint]
 
 
-def _from_pretrained(load, name: str, role: str, what: str, **kw):
-    """``load(name, **kw)`` with one hub lookup at most before giving up, and a one-line error."""
+def _from_pretrained(load, name: str, role: str, what: str, shown: str | None = None, **kw):
+    """``load(name, **kw)`` with one hub lookup at most before giving up, and a one-line error naming
+    ``--{role}_model {shown}`` (default: ``name``)."""
     down = None
     if not Path(name).expanduser().exists() and not _hub_offline():
         down = hub_unreachable(name)
@@ -89,33 +95,113 @@ def _from_pretrained(load, name: str, role: str, what: str, **kw):
             msg = f"HF_HUB_OFFLINE is set and {name} is not in the Hugging Face cache: pass a local directory"
         else:
             msg = f"cannot load {what} ({type(e).__name__}: {_first_line(e)})"
-        raise ConfigError(f"--{role}_model {name}: {msg}") from e
+        raise ConfigError(f"--{role}_model {shown or name}: {msg}") from e
 
 
-def load_tokenizer(name: str, role: str, trust_remote_code: bool = False):
-    """``AutoTokenizer.from_pretrained`` with a one-line error on failure."""
+def _load(load, name: str, role: str, what: str, gguf_file: str | None, need_config: bool = True, **kw):
+    """``load`` from a hub id or model directory, or from a GGUF file through transformers' GGUF loader
+    (``load(folder, gguf_file=file name)``); the GGUF forms are checked by :func:`~sar_kd.config.gguf_source`."""
+    gguf = gguf_source(name, gguf_file, role)
+    if gguf is None:
+        _check_source(name, role, need_config=need_config)
+        return _from_pretrained(load, name, role, what, **kw)
+    folder, file = gguf
+    return _from_pretrained(load, folder, role, what, shown=str(Path(folder) / file), gguf_file=file, **kw)
+
+
+def load_tokenizer(name: str, role: str, trust_remote_code: bool = False, gguf_file: str | None = None):
+    """``AutoTokenizer.from_pretrained`` with a one-line error on failure.
+
+    ``name`` is a hub id, a model directory or a ``.gguf`` file; or a folder, with ``gguf_file`` the name
+    of the ``.gguf`` file in it. A GGUF tokenizer is rebuilt by transformers from the file's metadata.
+    """
     from transformers import AutoTokenizer
 
-    _check_source(name, role, need_config=False)
-    return _from_pretrained(AutoTokenizer.from_pretrained, name, role, "tokenizer", trust_remote_code=trust_remote_code)
+    return _load(
+        AutoTokenizer.from_pretrained,
+        name,
+        role,
+        "tokenizer",
+        gguf_file,
+        need_config=False,
+        trust_remote_code=trust_remote_code,
+    )
 
 
-def load_config(name: str, role: str, trust_remote_code: bool = False):
-    """``AutoConfig.from_pretrained`` with a one-line error on failure."""
+def load_config(name: str, role: str, trust_remote_code: bool = False, gguf_file: str | None = None):
+    """``AutoConfig.from_pretrained`` with a one-line error on failure (``name``, ``gguf_file``: as for
+    :func:`load_tokenizer`; a GGUF file's config is read from its metadata, no tensor is read)."""
     from transformers import AutoConfig
 
-    _check_source(name, role)
-    return _from_pretrained(AutoConfig.from_pretrained, name, role, "config", trust_remote_code=trust_remote_code)
+    return _load(AutoConfig.from_pretrained, name, role, "config", gguf_file, trust_remote_code=trust_remote_code)
 
 
-def load_model(name: str, role: str, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` in ``dtype`` with a one-line error on failure."""
+def load_model(
+    name: str, role: str, dtype: torch.dtype, trust_remote_code: bool = False, gguf_file: str | None = None
+) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` in ``dtype`` with a one-line error on failure.
+
+    ``name``, ``gguf_file``: as for :func:`load_tokenizer`. A GGUF checkpoint is dequantised to ``dtype``
+    and rebuilt as a plain model (:func:`plain_model`), so that it trains and ``save_pretrained`` writes
+    it as safetensors like any other.
+    """
     from transformers import AutoModelForCausalLM
 
-    _check_source(name, role)
-    return _from_pretrained(
-        AutoModelForCausalLM.from_pretrained, name, role, "model", dtype=dtype, trust_remote_code=trust_remote_code
-    )
+    kw: dict = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if gguf_source(name, gguf_file, role) is not None:
+        try:  # unpack every weight even where a packed-GGUF matmul kernel is installed (transformers >= 5.x)
+            from transformers import GgufConfig
+
+            kw["quantization_config"] = GgufConfig(dequantize=True)
+        except ImportError:  # older transformers always dequantise
+            pass
+    model = _load(AutoModelForCausalLM.from_pretrained, name, role, "model", gguf_file, **kw)
+    if not _from_gguf(model):
+        return model
+    shown = model_name(name, gguf_file)
+    logger.info("%s: %s read from GGUF, dequantised to %s", role, shown, model.dtype)
+    try:
+        return plain_model(model)
+    except (RuntimeError, ValueError) as e:  # a state dict the class does not take (not seen with transformers 5)
+        raise ConfigError(
+            f"--{role}_model {shown}: cannot rebuild the GGUF model as a plain one ({_first_line(e)})"
+        ) from e
+
+
+def _from_gguf(model: nn.Module) -> bool:
+    q = getattr(model.config, "quantization_config", None)
+    method = q.get("quant_method") if isinstance(q, dict) else getattr(q, "quant_method", None)
+    return str(getattr(method, "value", method)) == "gguf"
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """A model loaded from GGUF, rebuilt without its ``quantization_config``.
+
+    transformers marks a GGUF-loaded model as quantized with gguf, and ``save_pretrained`` then refuses it
+    ("not serializable"), although its weights are already dequantised float tensors. The same class is
+    built from the config without ``quantization_config`` on the meta device (nothing allocated or
+    initialised) and takes the loaded tensors themselves (``load_state_dict(strict=True, assign=True)``:
+    no copy); buffers outside the state dict (rotary frequencies) come from the loaded model too.
+    """
+    config = model.config  # from_pretrained's own deep copy: changing it touches nothing else
+    del config.quantization_config
+    state = model.state_dict()
+    with torch.device("meta"):
+        plain = type(model)(config)
+    plain.load_state_dict(state, strict=True, assign=True)
+    for name, buf in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        mod = plain.get_submodule(owner)
+        if leaf in mod._buffers:
+            mod._buffers[leaf] = buf
+    plain.tie_weights()
+    left = [n for n, t in (*plain.named_parameters(), *plain.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"{type(model).__name__}.{left[0]} was not loaded")
+    if getattr(model, "generation_config", None) is not None:
+        plain.generation_config = model.generation_config
+    plain.train(model.training)
+    return plain
 
 
 def check_student(student_config, student: str, teacher: str) -> None:
