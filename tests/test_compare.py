@@ -75,3 +75,38 @@ def test_compare_refuses_a_bad_arm_before_training(tiny_pair, tmp_path):
     assert not (tmp_path / "c" / "runs").exists()
     with pytest.raises(ConfigError, match="not one of the arms"):
         Comparison(tmp_path, _common(tiny_pair), {"a": []}, [0], baseline="b").validate()
+
+
+def _fake_run(cmp: Comparison, arm: str, seed: int, alpha_kd: float, s_bpb: float, t_bpb: float, bpb: bool = True):
+    d = cmp.run_dir(arm, seed)
+    d.mkdir(parents=True)
+    summary = {"final_student_ppl": 2**s_bpb, "final_teacher_ppl": 2**t_bpb, "initial_teacher_ppl": 2**t_bpb}
+    if bpb:
+        summary |= {"final_student_bpb": s_bpb, "final_teacher_bpb": t_bpb, "initial_teacher_bpb": t_bpb}
+    (d / "summary.json").write_text(json.dumps(summary))
+    (d / "sar_kd_config.json").write_text(json.dumps({"config": {"alpha_kd": alpha_kd}}))
+
+
+def test_compare_pairs_bits_per_byte_and_says_when_the_teacher_cannot_help(tmp_path):
+    cmp = Comparison(tmp_path, [], {"ce": [], "kd": []}, [0, 1, 2], baseline="ce")
+    for seed, (ce, kd) in enumerate([(2.30, 2.20), (2.32, 2.21), (2.31, 2.19)]):
+        _fake_run(cmp, "ce", seed, 0.0, ce, 2.35)
+        _fake_run(cmp, "kd", seed, 0.9, kd, 2.35)
+    res = cmp.results()
+    d = res["arms"]["kd"]["vs_baseline"]["student_bpb"]
+    assert d["diffs"] == pytest.approx([-0.10, -0.11, -0.12]) and d["verdict"] == "better"
+    assert res["initial"]["teacher_bpb"] == 2.35
+    # the teacher (2.35 bits/byte) is worse than the CE-only student (2.31): said in the report
+    assert len(res["notes"]) == 1 and "'ce'" in res["notes"][0] and "cannot help" in res["notes"][0]
+    table = format_table(res)
+    assert "student bits/byte" in table.splitlines()[0] and "-0.1100 [" in table and "better" in table
+    assert "Note: the teacher (2.3500 bits/byte" in table
+
+    # runs written before bits per byte existed: perplexity is paired instead, nothing is invented
+    old = Comparison(tmp_path / "old", [], {"ce": [], "kd": []}, [0, 1], baseline="ce")
+    for seed in (0, 1):
+        _fake_run(old, "ce", seed, 0.0, 2.3 + seed / 100, 2.0, bpb=False)
+        _fake_run(old, "kd", seed, 0.9, 2.2, 2.0, bpb=seed == 0)
+    res = old.results()
+    assert "student_bpb" not in res["arms"]["kd"] and "student_ppl" in res["arms"]["kd"]
+    assert "student ppl" in format_table(res).splitlines()[0] and res["notes"] == []

@@ -5,12 +5,13 @@ Each arm is a set of training flags added to a common command line; every (arm, 
 exists is finished and skipped, so an interrupted comparison resumes where it stopped (an unfinished
 run restarts from its latest checkpoint when it has one, else from scratch).
 
-Per arm the report gives the final student and teacher perplexity as mean ± sample standard
-deviation, min and max over seeds; against the baseline arm, the **paired** difference per seed
-(same seed, same data order) with a two-sided 95% Student-t confidence interval, and a verdict:
-``better`` (interval entirely below 0: lower perplexity), ``worse`` (entirely above 0), or
-``no difference at this budget``. Outputs: a Markdown table on stdout, ``compare.json`` and
-``compare.png`` (student and teacher perplexity curves, mean over seeds).
+Per arm the report gives the final student and teacher bits per byte and perplexity as mean ± sample
+standard deviation, min and max over seeds; against the baseline arm, the **paired** difference per
+seed (same seed, same data order) with a two-sided 95% Student-t confidence interval, and a verdict:
+``better`` (interval entirely below 0: lower bits per byte), ``worse`` (entirely above 0), or
+``no difference at this budget``. Bits per byte is the headline: it puts students and teachers with
+different tokenizers on one scale. Outputs: a Markdown table on stdout, ``compare.json`` and
+``compare.png`` (student and teacher curves, mean over seeds).
 
     sar-kd compare --output_dir outputs/cmp --seeds 0 1 2 --baseline frozen \\
         --arm frozen="--router_lr 0" --arm sarkd="--router_lr 5e-4" \\
@@ -38,7 +39,7 @@ _T975 = (
     2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
     2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
 )  # fmt: skip
-METRICS = ("student_ppl", "teacher_ppl")
+METRICS = ("student_bpb", "teacher_bpb", "student_ppl", "teacher_ppl")
 
 
 def t_quantile_975(df: int) -> float:
@@ -148,9 +149,13 @@ class Comparison:
             )
 
     def results(self) -> dict:
-        """Per-arm spreads and paired differences against the baseline, from the runs' summaries."""
-        finals: dict[str, dict[str, list[float]]] = {}
-        initial = {}
+        """Per-arm spreads and paired differences against the baseline, from the runs' summaries.
+
+        A metric missing from any run's summary (runs written before bits per byte was reported) is
+        left out rather than paired over fewer seeds."""
+        finals: dict[str, dict[str, list[float | None]]] = {}
+        initial: dict[str, float | None] = {}
+        ce_only: set[str] = set()
         for arm in self.arms:
             finals[arm] = {m: [] for m in METRICS}
             for seed in self.seeds:
@@ -159,45 +164,79 @@ class Comparison:
                     raise ConfigError(f"compare: run {arm}-seed{seed} has not finished (no {path})")
                 s = json.loads(path.read_text())
                 for m in METRICS:
-                    finals[arm][m].append(s[f"final_{m}"])
-                if initial.get("teacher_ppl") is None:
-                    initial["teacher_ppl"] = s.get("initial_teacher_ppl")
+                    finals[arm][m].append(s.get(f"final_{m}"))
+                for m in ("teacher_ppl", "teacher_bpb"):
+                    if initial.get(m) is None:
+                        initial[m] = s.get(f"initial_{m}")
+            saved = self.run_dir(arm, self.seeds[0]) / "sar_kd_config.json"
+            if saved.is_file() and json.loads(saved.read_text())["config"].get("alpha_kd") == 0:
+                ce_only.add(arm)
+        metrics = [m for m in METRICS if all(v is not None for vals in finals.values() for v in vals[m])]
         out: dict = {"seeds": self.seeds, "baseline": self.baseline, "initial": initial, "arms": {}}
         for arm, vals in finals.items():
-            row = {m: {**spread(v), "values": v} for m, v in vals.items()}
+            row = {m: {**spread(vals[m]), "values": vals[m]} for m in metrics}
             if self.baseline is not None and arm != self.baseline:
-                row["vs_baseline"] = {m: paired_difference(vals[m], finals[self.baseline][m]) for m in METRICS}
-            t0 = initial.get("teacher_ppl")
-            if t0:
-                row["teacher_ppl_change"] = row["teacher_ppl"]["mean"] / t0 - 1
+                row["vs_baseline"] = {m: paired_difference(vals[m], finals[self.baseline][m]) for m in metrics}
+            for m in ("teacher_ppl", "teacher_bpb"):
+                if initial.get(m) and m in row:
+                    row[f"{m}_change"] = row[m]["mean"] / initial[m] - 1
             out["arms"][arm] = row
+        t0 = initial.get("teacher_bpb")
+        out["notes"] = [
+            f"the teacher ({t0:.4f} bits/byte before distillation) is no better than the CE-only student of arm "
+            f"{arm!r} ({out['arms'][arm]['student_bpb']['mean']:.4f}): it cannot help this student"
+            for arm in sorted(ce_only)
+            if t0 is not None and "student_bpb" in out["arms"][arm] and out["arms"][arm]["student_bpb"]["mean"] <= t0
+        ]
         return out
 
 
 def format_table(results: dict, labels: dict[str, str] | None = None) -> str:
-    """A Markdown table of :meth:`Comparison.results`."""
+    """A Markdown table of :meth:`Comparison.results`: bits per byte first (the paired verdict is on the
+    student's bits per byte), perplexity beside it; runs without bits per byte fall back to perplexity."""
     labels = labels or {}
 
-    def ms(s: dict) -> str:
-        return f"{s['mean']:.2f} ± {s['sd']:.2f} (min {s['min']:.2f}, max {s['max']:.2f})"
+    def ms(s: dict, digits: int) -> str:
+        return f"{s['mean']:.{digits}f} ± {s['sd']:.{digits}f} (min {s['min']:.{digits}f}, max {s['max']:.{digits}f})"
 
     base = results["baseline"]
-    head = "| arm | student ppl | teacher ppl after | student vs baseline (paired, 95% CI) |"
-    lines = [head, "|---|---|---|---|"]
+    rows = results["arms"].values()
+    key = "student_bpb" if all("student_bpb" in r for r in rows) else "student_ppl"
+    digits = 4 if key == "student_bpb" else 2
+    if key == "student_bpb":
+        head = (
+            "| arm | student bits/byte | student ppl | teacher bits/byte after | teacher ppl after "
+            "| student bits/byte vs baseline (paired, 95% CI) |"
+        )
+    else:
+        head = "| arm | student ppl | teacher ppl after | student vs baseline (paired, 95% CI) |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for arm, row in results["arms"].items():
-        d = row.get("vs_baseline", {}).get("student_ppl")
+        d = row.get("vs_baseline", {}).get(key)
         if d is None:
             verdict = "baseline" if arm == base else "—"
         elif d["ci95"] is None:
-            verdict = f"{d['mean']:+.2f} ({d['verdict']})"
+            verdict = f"{d['mean']:+.{digits}f} ({d['verdict']})"
         else:
-            verdict = f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]: **{d['verdict']}**"
-        lines.append(f"| {labels.get(arm, arm)} | {ms(row['student_ppl'])} | {ms(row['teacher_ppl'])} | {verdict} |")
+            lo, hi = d["ci95"]
+            verdict = f"{d['mean']:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]: **{d['verdict']}**"
+        if key == "student_bpb":
+            cells = [
+                ms(row["student_bpb"], 4),
+                ms(row["student_ppl"], 2),
+                ms(row["teacher_bpb"], 4),
+                ms(row["teacher_ppl"], 2),
+            ]
+        else:
+            cells = [ms(row["student_ppl"], 2), ms(row["teacher_ppl"], 2)]
+        lines.append(f"| {labels.get(arm, arm)} | " + " | ".join(cells) + f" | {verdict} |")
+    lines += [f"\nNote: {n}" for n in results.get("notes", [])]
     return "\n".join(lines)
 
 
 def plot_comparison(cmp: Comparison, path: Path, labels: dict[str, str] | None = None) -> None:
-    """Student and teacher validation perplexity against step, mean over seeds, one line per arm."""
+    """Student and teacher validation bits per byte (perplexity for runs written before it was reported)
+    against step, mean over seeds, one line per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -205,6 +244,7 @@ def plot_comparison(cmp: Comparison, path: Path, labels: dict[str, str] | None =
     from matplotlib.ticker import ScalarFormatter
 
     labels = labels or {}
+    shown = _plotted_metrics(cmp)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     styles = ["-", "--", "-.", ":"]
     for i, arm in enumerate(cmp.arms):
@@ -216,10 +256,10 @@ def plot_comparison(cmp: Comparison, path: Path, labels: dict[str, str] | None =
             for line in path_m.read_text().splitlines():
                 row = json.loads(line)
                 if "student_ppl" in row:
-                    for m in METRICS:
-                        curves.setdefault(row["step"], {k: [] for k in METRICS})[m].append(row[m])
+                    for m in shown:
+                        curves.setdefault(row["step"], {k: [] for k in shown})[m].append(row.get(m, math.nan))
         steps = sorted(curves)
-        for ax, m in zip(axes, METRICS):
+        for ax, m in zip(axes, shown):
             ax.plot(
                 steps,
                 [statistics.fmean(curves[s][m]) for s in steps],
@@ -229,7 +269,7 @@ def plot_comparison(cmp: Comparison, path: Path, labels: dict[str, str] | None =
                 alpha=0.85,
                 label=labels.get(arm, arm),
             )
-    for ax, m in zip(axes, METRICS):
+    for ax, m in zip(axes, shown):
         ax.set_yscale("log")
         fmt = ScalarFormatter()
         fmt.set_scientific(False)
@@ -242,6 +282,16 @@ def plot_comparison(cmp: Comparison, path: Path, labels: dict[str, str] | None =
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plotted_metrics(cmp: Comparison) -> tuple[str, str]:
+    """Bits per byte when every finished run's final summary has it, else perplexity."""
+    for arm in cmp.arms:
+        for seed in cmp.seeds:
+            path = cmp.run_dir(arm, seed) / "summary.json"
+            if path.is_file() and "final_student_bpb" not in json.loads(path.read_text()):
+                return ("student_ppl", "teacher_ppl")
+    return ("student_bpb", "teacher_bpb")
 
 
 def _parse_arm(text: str) -> tuple[str, list[str]]:

@@ -1,4 +1,5 @@
-"""Validation: student and teacher perplexity on their own tokens, routing entropy and expert load."""
+"""Validation: student and teacher perplexity and bits per byte on their own tokens, routing entropy and
+expert load."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import torch
 
 from . import data, losses
+from .bpb import bits_per_byte, label_bytes
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -16,14 +18,18 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def evaluate(m, routers, val_blocks, cfg, acc) -> dict[str, Any]:
-    """Perplexities (exp of the token-mean NLL over all processes), routing entropy and expert load
-    of ``m`` (a :class:`~sar_kd.objective.SARKDModel`, native routing, the student in eval mode) on
-    ``val_blocks``, at most ``cfg.eval_max_batches`` batches split over the processes of ``acc``."""
+def evaluate(m, routers, val_blocks, cfg, acc, byte_tables: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Perplexities (exp of the token-mean NLL over all processes), bits per byte (summed NLL over the
+    UTF-8 bytes the evaluated tokens cover, :mod:`sar_kd.bpb`; ``byte_tables`` maps ``student`` and
+    ``teacher`` to their tokenizers' byte-length tables), routing entropy and expert load of ``m`` (a
+    :class:`~sar_kd.objective.SARKDModel`, native routing, the student in eval mode) on ``val_blocks``,
+    at most ``cfg.eval_max_batches`` batches split over the processes of ``acc``."""
     m.student.eval()
     m.controller.active = False
     dev = acc.device
-    totals = torch.zeros(6, dtype=torch.float64, device=dev)  # NLLs, token counts, entropy sum, router tokens
+    # NLLs, token counts, entropy sum, router tokens, student bytes, teacher bytes
+    totals = torch.zeros(8, dtype=torch.float64, device=dev)
+    tables = {k: v.to(dev) for k, v in byte_tables.items()}
     counts = torch.zeros(len(routers), routers[0].num_experts, dtype=torch.float64, device=dev)
     batches = data.eval_batches(val_blocks, cfg.per_device_batch_size, cfg.eval_max_batches)
     for batch, counted in rank_share(batches, acc.process_index, acc.num_processes, cfg.fsdp):
@@ -36,6 +42,8 @@ def evaluate(m, routers, val_blocks, cfg, acc) -> dict[str, Any]:
         totals[:4] += torch.stack(
             [r[k].double() for k in ("student_nll", "student_tokens", "teacher_nll", "teacher_tokens")]
         )
+        totals[6] += label_bytes(r["student_labels"], tables["student"]).double()
+        totals[7] += label_bytes(r["teacher_labels"], tables["teacher"]).double()
         if not r["records"]:  # routers whose output layout is not recorded (native mode only)
             continue
         n_router_tokens = r["records"][0].logits.shape[0] if mask is None else mask.sum()
@@ -49,7 +57,10 @@ def evaluate(m, routers, val_blocks, cfg, acc) -> dict[str, Any]:
     return {
         "student_ppl": math.exp(totals[0] / totals[1]),
         "teacher_ppl": math.exp(totals[2] / totals[3]),
+        "student_bpb": bits_per_byte(float(totals[0]), float(totals[6])),
+        "teacher_bpb": bits_per_byte(float(totals[2]), float(totals[7])),
         "eval_tokens": int(totals[1]),
+        "eval_bytes": int(totals[6]),
         "eval_router_entropy": float(totals[4] / totals[5]) if totals[5] > 0 else None,
         "expert_load": [[round(float(v), 4) for v in row] for row in loads],
     }

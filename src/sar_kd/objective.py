@@ -408,7 +408,8 @@ class SARKDModel(nn.Module):
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def eval_nll(self, batch: dict[str, torch.Tensor]) -> dict:
-        """Student and teacher NLL sums on their own tokens (native routing), token counts, router records."""
+        """Student and teacher NLL sums on their own tokens (native routing), token counts, the shifted labels
+        (for the bytes they cover), router records."""
         chunk = self.weights.kd_chunk_size
         if self.mode == "logit":
             s_ids = t_ids = batch["input_ids"]
@@ -424,6 +425,8 @@ class SARKDModel(nn.Module):
             "student_tokens": (s_labels != losses.IGNORE_INDEX).sum(),
             "teacher_nll": losses.chunked_ce(t_out.last_hidden_state, self.teacher_head, t_labels, chunk),
             "teacher_tokens": (t_labels != losses.IGNORE_INDEX).sum(),
+            "student_labels": s_labels,
+            "teacher_labels": t_labels,
             "records": records,
             "token_mask": t_mask.reshape(-1).bool() if t_mask is not None else None,
         }

@@ -64,15 +64,37 @@ class Progress:
             self.bar.close()
 
 
+def format_eval(step: int, row: dict[str, Any]) -> str:
+    """One log line per evaluation: both models in bits per byte (one scale whatever their tokenizers)
+    and perplexity (each on its own tokens)."""
+    return (
+        f"eval step {step}: student {row['student_bpb']:.4f} bits/byte (ppl {row['student_ppl']:.2f}), "
+        f"teacher {row['teacher_bpb']:.4f} bits/byte (ppl {row['teacher_ppl']:.2f}) on {row['eval_bytes']:,} bytes"
+    )
+
+
+def teacher_vs_student(student_bpb: float, teacher_bpb: float) -> str:
+    """How far the student is behind its teacher per byte, and a warning when the teacher is no better."""
+    if teacher_bpb >= student_bpb:
+        return (
+            f"the teacher ({teacher_bpb:.4f} bits/byte) is no better than the student ({student_bpb:.4f}) on the "
+            "validation text: it has nothing left to teach here (a teacher worse per byte than the student "
+            "cannot help it; compare with a CE-only run, --alpha_kd 0)"
+        )
+    return f"student {student_bpb:.4f} bits/byte, teacher {teacher_bpb:.4f}: the student is {student_bpb - teacher_bpb:.4f} behind"
+
+
 def format_summary(s: dict[str, Any]) -> str:
     lines = [
         "run summary",
         f"  steps {s['steps']} ({s['skipped_steps']} skipped), wall time {s['wall_time_s']:.1f}s, "
         f"{(s['mean_tokens_per_s'] or 0):.0f} tokens/s",
     ]
-    for k in ("student_ppl", "teacher_ppl", "eval_router_entropy"):
-        if f"final_{k}" in s:
-            lines.append(f"  {k}: {s[f'initial_{k}']:.3f} -> {s[f'final_{k}']:.3f}")
+    for k in ("student_bpb", "teacher_bpb", "student_ppl", "teacher_ppl", "eval_router_entropy"):
+        if s.get(f"final_{k}") is not None and s.get(f"initial_{k}") is not None:
+            lines.append(f"  {k}: {s[f'initial_{k}']:.4f} -> {s[f'final_{k}']:.4f}")
+    if s.get("final_student_bpb") is not None:
+        lines.append("  " + teacher_vs_student(s["final_student_bpb"], s["final_teacher_bpb"]))
     if "final_expert_load" in s:
         for i, (a, b) in enumerate(zip(s["initial_expert_load"], s["final_expert_load"])):
             lines.append(f"  router {i} expert load: {a} -> {b}")

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from . import checkpointing, data, routers
-from .config import ConfigError, TrainConfig, parse_layer_pairs, validate_config
+from .bpb import token_byte_lengths
+from .config import ConfigError, TrainConfig, model_name, parse_layer_pairs, validate_config
 from .evaluation import model_inputs
 from .heads import OutputHead, check_head
 from .loading import (
@@ -28,7 +29,7 @@ from .loading import (
     set_frozen_teacher_mode,
 )
 from .objective import ObjectiveWeights, SARKDModel, make_projection
-from .reporting import Progress, dual_metrics, format_summary, mean
+from .reporting import Progress, dual_metrics, format_eval, format_summary, mean
 
 logger = logging.getLogger("sar_kd")
 
@@ -109,8 +110,15 @@ class Trainer:
 
     def _setup_tokenizers_and_mode(self) -> None:
         cfg = self.cfg
-        self.teacher_tok = load_tokenizer(cfg.teacher_model, "teacher", cfg.trust_remote_code)
-        self.student_tok = load_tokenizer(cfg.student_model, "student", cfg.trust_remote_code)
+        # a GGUF model given as a folder and --*_gguf_file is loaded by the path of its .gguf file
+        self.teacher_name = model_name(cfg.teacher_model, cfg.teacher_gguf_file)
+        self.student_name = model_name(cfg.student_model, cfg.student_gguf_file)
+        self.teacher_tok = load_tokenizer(self.teacher_name, "teacher", cfg.trust_remote_code)
+        self.student_tok = load_tokenizer(self.student_name, "student", cfg.trust_remote_code)
+        self.byte_tables = {
+            "student": token_byte_lengths(self.student_tok),
+            "teacher": token_byte_lengths(self.teacher_tok),
+        }
         from .tokenizers import compare_tokenizers
 
         same, why = compare_tokenizers(self.teacher_tok, self.student_tok)
@@ -135,13 +143,13 @@ class Trainer:
         cfg = self.cfg
         teacher, student = self._given_models
         t_conf = (
-            teacher.config if teacher is not None else load_config(cfg.teacher_model, "teacher", cfg.trust_remote_code)
+            teacher.config if teacher is not None else load_config(self.teacher_name, "teacher", cfg.trust_remote_code)
         )
         s_conf = (
-            student.config if student is not None else load_config(cfg.student_model, "student", cfg.trust_remote_code)
+            student.config if student is not None else load_config(self.student_name, "student", cfg.trust_remote_code)
         )
         routers.moe_dims(t_conf)  # fail fast on a dense teacher, before loading weights
-        check_student(s_conf, cfg.student_model, cfg.teacher_model)  # dense, and not the teacher
+        check_student(s_conf, self.student_name, self.teacher_name)  # dense, and not the teacher
         for role, conf in (("teacher", t_conf), ("student", s_conf)):
             limit = max_positions(conf)
             if limit is not None and cfg.block_size > limit:
@@ -150,9 +158,9 @@ class Trainer:
                 )
         compute_dtype = DTYPES[cfg.model_dtype]
         if teacher is None:
-            teacher = load_model(cfg.teacher_model, "teacher", compute_dtype, cfg.trust_remote_code)
+            teacher = load_model(self.teacher_name, "teacher", compute_dtype, cfg.trust_remote_code)
         if student is None:
-            student = load_model(cfg.student_model, "student", torch.float32, cfg.trust_remote_code)
+            student = load_model(self.student_name, "student", torch.float32, cfg.trust_remote_code)
         # the models' own output functions (logit scaling, soft-capping), over the tokenizers' real ids,
         # checked against model(...).logits before any hook or fp32 master weight changes the teacher
         s_head = OutputHead(student, len(self.student_tok))
@@ -522,10 +530,13 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> dict[str, float]:
-        """Student and teacher validation perplexity (native routing, no dropout): :func:`sar_kd.evaluation.evaluate`."""
+        """Student and teacher validation perplexity and bits per byte (native routing, no dropout):
+        :func:`sar_kd.evaluation.evaluate`, logged in one line."""
         from .evaluation import evaluate
 
-        return {"step": self.step, **evaluate(self.model, self.routers, self.val_blocks, self.cfg, self.accelerator)}
+        row = evaluate(self.model, self.routers, self.val_blocks, self.cfg, self.accelerator, self.byte_tables)
+        self._log(format_eval(self.step, row))
+        return {"step": self.step, **row}
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -578,7 +589,7 @@ class Trainer:
             "output_dir": str(out),
         }
         if first_eval is not None:
-            for k in ("student_ppl", "teacher_ppl", "expert_load", "eval_router_entropy"):
+            for k in ("student_ppl", "teacher_ppl", "student_bpb", "teacher_bpb", "expert_load", "eval_router_entropy"):
                 if k in first_eval:
                     summary[f"initial_{k}"] = first_eval[k]
                     summary[f"final_{k}"] = last_eval[k]
