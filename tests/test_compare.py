@@ -110,3 +110,27 @@ def test_compare_pairs_bits_per_byte_and_says_when_the_teacher_cannot_help(tmp_p
     res = old.results()
     assert "student_bpb" not in res["arms"]["kd"] and "student_ppl" in res["arms"]["kd"]
     assert "student ppl" in format_table(res).splitlines()[0] and res["notes"] == []
+
+
+def test_compare_refuses_duplicate_seeds_before_training(tiny_pair, tmp_path, capsys):
+    # issue 18 item 3: seed 0 twice would be paired twice (a narrower interval, a wrong verdict)
+    out = tmp_path / "c"
+    argv = ["compare", "--output_dir", str(out), "--seeds", "0", "0", "1", "--arm", "a=--router_lr 0",
+            "--", *_common(tiny_pair)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--seeds" in err[0] and "0 more than once" in err[0]
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="more than once"):
+        Comparison(tmp_path, _common(tiny_pair), {"a": []}, [1, 2, 1]).validate()
+
+
+def test_compare_refuses_no_evaluation_before_training(tiny_pair, tmp_path, capsys):
+    # issue 18 item 4: --eval_steps 0 trained every arm, then died with KeyError 'final_student_ppl'
+    out = tmp_path / "c"
+    argv = ["compare", "--output_dir", str(out), "--seeds", "0", "--arm", "a=--router_lr 0", "--arm", "b=--eval_steps 0",
+            "--", *_common(tiny_pair)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "arm 'b'" in err[0] and "--eval_steps" in err[0]
+    assert not out.exists()

@@ -104,11 +104,25 @@ class Comparison:
             raise ConfigError("compare: no arms given (--arm NAME='FLAGS')")
         if self.baseline is not None and self.baseline not in self.arms:
             raise ConfigError(f"compare: --baseline {self.baseline!r} is not one of the arms {sorted(self.arms)}")
+        if not self.seeds:
+            raise ConfigError("compare: no seeds given (--seeds N [N ...])")
+        twice = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if twice:  # one run paired twice would narrow the interval with no new evidence
+            raise ConfigError(
+                f"compare: --seeds {' '.join(map(str, self.seeds))} names seed "
+                f"{', '.join(map(str, twice))} more than once; give each seed once"
+            )
         for arm in self.arms:  # every arm's command line must be a valid run before anything trains
             try:
-                config_from_args(self.run_args(arm, self.seeds[0]))
+                cfg = config_from_args(self.run_args(arm, self.seeds[0]))
             except ConfigError as e:
                 raise ConfigError(f"compare: arm {arm!r}: {e}") from None
+            if not cfg.eval_steps:  # the verdict is on the final evaluation: a run without one has nothing to pair
+                raise ConfigError(
+                    f"compare: arm {arm!r}: --eval_steps 0 leaves the run without a final evaluation, which the "
+                    "comparison pairs; give --eval_steps N > 0 (--eval_steps equal to --train_steps evaluates only "
+                    "before training and at the end)"
+                )
 
     def run(self, progress=None) -> None:
         """Train every unfinished (arm, seed); ``progress(i, n, arm, seed)`` is called before each."""
