@@ -66,7 +66,7 @@ def test_compare_runs_reports_and_resumes(tiny_pair, tmp_path, capsys):
     changed = [*argv[: argv.index("--") + 1], *_common(tiny_pair)]
     changed[changed.index("--train_steps") + 1] = "3"
     assert main(changed) == 2
-    assert "made with other flags (train_steps)" in capsys.readouterr().err
+    assert "made with other flags (train_steps 2 -> 3)" in capsys.readouterr().err
 
 
 def test_compare_refuses_a_bad_arm_before_training(tiny_pair, tmp_path):
@@ -134,3 +134,38 @@ def test_compare_refuses_no_evaluation_before_training(tiny_pair, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "arm 'b'" in err[0] and "--eval_steps" in err[0]
     assert not out.exists()
+
+
+def test_compare_refuses_to_resume_a_run_whose_flags_changed(tiny_pair, tmp_path, capsys):
+    # issue 18 item 2: an interrupted run was resumed with the arm's new flags and reported as the new arm
+    import shutil
+
+    out = tmp_path / "cmp"
+
+    def argv(lr: str, *extra: str) -> list[str]:
+        return ["compare", "--output_dir", str(out), "--seeds", "0", "--arm", f"learn=--router_lr {lr}", *extra,
+                "--", *_common(tiny_pair)]  # fmt: skip
+
+    assert main(argv("0.01")) == 0
+    run = out / "runs" / "learn-seed0"
+    (run / "summary.json").unlink()  # killed after its first checkpoint
+    shutil.rmtree(run / "checkpoint-2")
+    before = (run / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(argv("0.02")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "learn-seed0" in err[0] and "router_lr 0.01 -> 0.02" in err[0], err
+    assert "--restart_changed" in err[0]
+    assert (run / "metrics.jsonl").read_text() == before and not (run / "summary.json").exists()  # nothing trained
+
+    # asked to: the run restarts from scratch with the arm's flags (no checkpoint of the old flags is used)
+    assert main(argv("0.02", "--restart_changed")) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2] and rows[0]["step"] == 0  # from step 0, evaluated
+    assert json.loads((run / "sar_kd_config.json").read_text())["config"]["router_lr"] == 0.02
+    assert json.loads((run / "checkpoint-1" / "sar_kd_config.json").read_text())["config"]["router_lr"] == 0.02
+
+    # a finished run made with other flags is re-run too when asked
+    assert main(argv("0.03", "--restart_changed")) == 0
+    assert json.loads((run / "sar_kd_config.json").read_text())["config"]["router_lr"] == 0.03
+    assert json.loads((out / "compare.json").read_text())["arms"]["learn"]["student_bpb"]["n"] == 1

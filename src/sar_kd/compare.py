@@ -3,7 +3,9 @@
 Each arm is a set of training flags added to a common command line; every (arm, seed) is one run of
 :class:`sar_kd.trainer.Trainer` in ``OUTPUT/runs/<arm>-seed<N>/``. A run whose ``summary.json``
 exists is finished and skipped, so an interrupted comparison resumes where it stopped (an unfinished
-run restarts from its latest checkpoint when it has one, else from scratch).
+run restarts from its latest checkpoint when it has one, else from scratch). A saved run whose flags
+differ from its arm's is refused before anything trains, or run again from scratch with
+``--restart_changed``; it is never resumed or reused.
 
 Per arm the report gives the final student and teacher bits per byte and perplexity as mean ± sample
 standard deviation, min and max over seeds; against the baseline arm, the **paired** difference per
@@ -89,6 +91,7 @@ class Comparison:
     seeds: list[int]
     baseline: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    restart_changed: bool = False  # re-run (from scratch) a saved run whose flags differ, instead of refusing
 
     def run_dir(self, arm: str, seed: int) -> Path:
         return self.output_dir / "runs" / f"{arm}-seed{seed}"
@@ -125,42 +128,68 @@ class Comparison:
                 )
 
     def run(self, progress=None) -> None:
-        """Train every unfinished (arm, seed); ``progress(i, n, arm, seed)`` is called before each."""
+        """Train every unfinished (arm, seed); ``progress(i, n, arm, seed)`` is called before each.
+
+        A run (finished, or interrupted with checkpoints) whose saved flags differ from what this
+        comparison would run is refused before anything trains, or restarted from scratch with
+        ``restart_changed``: resuming it would report a mixture of both flag sets as this arm."""
         from .checkpointing import list_checkpoints
         from .config import config_from_args
         from .trainer import Trainer
 
-        for arm in self.arms:  # a finished run made with other flags must not be paired with new ones
+        restart = set()
+        for arm in self.arms:
             for seed in self.seeds:
-                self._check_finished_run(arm, seed)
-        todo = [(a, s) for s in self.seeds for a in self.arms if not (self.run_dir(a, s) / "summary.json").is_file()]
+                if self._changed_flags(arm, seed):
+                    restart.add((arm, seed))
+        todo = [
+            (a, s)
+            for s in self.seeds
+            for a in self.arms
+            if (a, s) in restart or not (self.run_dir(a, s) / "summary.json").is_file()
+        ]
         for i, (arm, seed) in enumerate(todo):
             if progress is not None:
                 progress(i, len(todo), arm, seed)
             args = self.run_args(arm, seed)
             run_dir = self.run_dir(arm, seed)
-            if run_dir.is_dir() and list_checkpoints(run_dir):
+            if run_dir.is_dir() and list_checkpoints(run_dir) and (arm, seed) not in restart:
                 args += ["--resume_from_checkpoint", "latest"]
             elif run_dir.is_dir():
                 args += ["--overwrite_output_dir"]
             Trainer(config_from_args(args)).run()
 
-    def _check_finished_run(self, arm: str, seed: int) -> None:
-        """Refuse to reuse a run whose saved config differs from what this comparison would run."""
+    def _changed_flags(self, arm: str, seed: int) -> list[str]:
+        """``key old -> new`` for each flag in which a run this comparison would reuse (finished, or
+        resumed from its checkpoints) differs from the arm's; refused unless ``restart_changed``."""
+        from .checkpointing import RUN_CONFIG, list_checkpoints
         from .config import config_from_args
 
-        saved = self.run_dir(arm, seed) / "sar_kd_config.json"
-        if not (self.run_dir(arm, seed) / "summary.json").is_file() or not saved.is_file():
-            return
-        old = json.loads(saved.read_text())["config"]
+        run_dir = self.run_dir(arm, seed)
+        finished = (run_dir / "summary.json").is_file()
+        checkpoints = list_checkpoints(run_dir) if run_dir.is_dir() else []
+        if not finished and not checkpoints:
+            return []  # started from scratch anyway
+        # the run's latest start and, for a resume, the checkpoint whose state would be continued
+        saved = [run_dir / RUN_CONFIG] + ([checkpoints[-1] / RUN_CONFIG] if checkpoints and not finished else [])
         new = config_from_args(self.run_args(arm, seed)).to_dict()
         ignore = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint"}
-        diffs = sorted(k for k in new if k not in ignore and old.get(k) != new[k])
-        if diffs:
+        diffs: dict[str, str] = {}
+        for path in saved:
+            if not path.is_file():
+                continue
+            old = json.loads(path.read_text())["config"]
+            for k in new:
+                if k not in ignore and old.get(k) != new[k]:
+                    diffs.setdefault(k, f"{k} {json.dumps(old.get(k))} -> {json.dumps(new[k])}")
+        if diffs and not self.restart_changed:
+            what = "was made" if finished else "was interrupted and its checkpoints were made"
             raise ConfigError(
-                f"compare: run {arm}-seed{seed} was made with other flags ({', '.join(diffs)}): remove "
-                f"{self.run_dir(arm, seed)} to re-run it, or use another --output_dir"
+                f"compare: run {arm}-seed{seed} {what} with other flags ({', '.join(diffs[k] for k in sorted(diffs))}): "
+                f"pass --restart_changed to run it again from scratch with this arm's flags, remove {run_dir}, "
+                "or use another --output_dir"
             )
+        return sorted(diffs)
 
     def results(self) -> dict:
         """Per-arm spreads and paired differences against the baseline, from the runs' summaries.
@@ -333,11 +362,17 @@ def compare_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds (each arm runs every seed).")
     p.add_argument("--baseline", default=None, help="The arm the others are compared with (paired per seed).")
+    p.add_argument(
+        "--restart_changed",
+        action="store_true",
+        help="Run again from scratch every saved run (finished or interrupted) whose flags differ from its arm's; "
+        "without it such a run is refused, never resumed or reused.",
+    )
     a = p.parse_args(argv)
     arms = dict(_parse_arm(t) for t in a.arm)
     if len(arms) != len(a.arm):
         raise ConfigError("compare: two arms share a name")
-    cmp = Comparison(Path(a.output_dir), common, arms, a.seeds, a.baseline)
+    cmp = Comparison(Path(a.output_dir), common, arms, a.seeds, a.baseline, restart_changed=a.restart_changed)
     cmp.validate()
     cmp.output_dir.mkdir(parents=True, exist_ok=True)
     cmp.run(lambda i, n, arm, seed: logger.info("compare: run %d/%d: %s seed %d", i + 1, n, arm, seed))
