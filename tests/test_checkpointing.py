@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import base_args
 from sar_kd.checkpointing import clear_previous_run, list_checkpoints, resolve_checkpoint, resume_mismatches
@@ -125,3 +126,43 @@ def test_output_dir_holding_the_student_is_refused(tiny_pair, tmp_path):
     cfg = config_from_args(base_args(tiny_pair, out, student_model=str(out / "student"), overwrite_output_dir=True))
     with pytest.raises(ConfigError, match="contains --student_model"):
         check_output_dir(cfg)
+
+
+@pytest.fixture(scope="module")
+def run_sched(tiny_pair, tmp_path_factory):
+    """Four steps of a linear schedule (student 1e-3, routers 1e-2, no weight decay), checkpoints at 2 and 4."""
+    out = tmp_path_factory.mktemp("sched") / "out"
+    args = base_args(tiny_pair, out, train_steps=4, save_steps=2, eval_steps=0, use_scheduler=True)
+    assert main(["train", *args]) == 0
+    return out
+
+
+def test_resume_applies_changed_rates_and_weight_decay(run_sched, tiny_pair, tmp_path, caplog):
+    # issue 18 item 1: the restored optimizer/scheduler state kept training at the old rates
+    import logging
+
+    out = _copy(run_sched, tmp_path)
+    args = base_args(tiny_pair, out, train_steps=4, save_steps=2, eval_steps=0, use_scheduler=True,
+                     student_lr=3e-4, router_lr=2e-3, weight_decay=0.1,
+                     resume_from_checkpoint=str(out / "checkpoint-2"))  # fmt: skip
+    caplog.set_level(logging.INFO, logger="sar_kd")
+    assert main(["train", *args]) == 0
+    rows = {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    # linear decay over 4 steps from the new base rates: steps 3 and 4 use 2/4 and 1/4 of them
+    assert rows[2]["lr_student"] == pytest.approx(1e-3 * 3 / 4)  # before the resume: the old rates
+    assert rows[3]["lr_student"] == pytest.approx(3e-4 * 2 / 4) and rows[4]["lr_student"] == pytest.approx(3e-4 / 4)
+    assert rows[3]["lr_router"] == pytest.approx(2e-3 * 2 / 4) and rows[4]["lr_router"] == pytest.approx(2e-3 / 4)
+    # the schedule's base rates and the weight decay travel on in the next checkpoint
+    sched = torch.load(out / "checkpoint-4" / "state" / "scheduler.bin", weights_only=False)
+    assert sched["base_lrs"] == pytest.approx([3e-4, 2e-3])
+    groups = torch.load(out / "checkpoint-4" / "state" / "optimizer.bin", weights_only=False)["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and [g["initial_lr"] for g in groups] == [3e-4, 2e-3]
+    said = [r.getMessage() for r in caplog.records if "from the command line" in r.getMessage()]
+    assert said == ["student_lr 0.001 → 0.0003, router_lr 0.01 → 0.002, weight_decay 0 → 0.1 from the command line"]
+
+    # resuming that checkpoint with the same rates: nothing to say
+    caplog.clear()
+    more = base_args(tiny_pair, out, train_steps=5, save_steps=2, eval_steps=0, use_scheduler=True,
+                     student_lr=3e-4, router_lr=2e-3, weight_decay=0.1, resume_from_checkpoint="latest")  # fmt: skip
+    assert main(["train", *more]) == 0
+    assert not [r for r in caplog.records if "from the command line" in r.getMessage()]

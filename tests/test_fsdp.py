@@ -175,3 +175,20 @@ def test_fsdp_bfloat16_anchor_reads_the_fp32_masters(tiny_pair, tmp_path):
     for x, y in zip(rows["fsdp"], rows["ddp"]):
         assert abs(x["router_anchor"] - y["router_anchor"]) <= 0.05 * y["router_anchor"] + 1e-12, (x, y)
     assert rows["ddp"][-1]["router_anchor"] > 0
+
+
+def test_fsdp_resume_applies_changed_rates(runs, tiny_pair, tmp_path):
+    # issue 18 item 1 under --fsdp: the sharded optimizer/scheduler state kept the saved rates
+    out = tmp_path / "resumed"
+    shutil.copytree(runs["fsdp"], out)
+    for p in ("checkpoint-4", "student", "router_update.pt", "summary.json", "rank0_of_2.pt", "rank1_of_2.pt"):
+        shutil.rmtree(out / p) if (out / p).is_dir() else (out / p).unlink()
+    changed = dict(COMMON, weight_decay=0.1)
+    args = base_args(tiny_pair, out, fsdp=True, resume_from_checkpoint="latest", **changed)
+    args += ["--student_lr", "3e-4", "--router_lr", "2e-3"]
+    r = _launch(2, args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {x["step"]: x for x in _rows(out) if "loss" in x}
+    assert rows[2]["lr_student"] == 1e-3 and rows[2]["lr_router"] == 1e-2  # before the resume
+    assert rows[3]["lr_student"] == rows[4]["lr_student"] == 3e-4
+    assert rows[3]["lr_router"] == rows[4]["lr_router"] == 2e-3

@@ -677,12 +677,46 @@ class Trainer:
                 sharding.load_state(where, self.model, self.optimizer, self.scheduler, self.accelerator.process_index)
 
         state = checkpointing.load_checkpoint(self.accelerator, path, load_state)
+        self._apply_configured_rates()
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
         self.stream.restore(state["stream"], path)
         if self.is_main:
             self.history = checkpointing.drop_later(Path(self.cfg.output_dir), self.step)
         self._log(f"resumed from {path} at step {self.step}")
+
+    def _apply_configured_rates(self) -> None:
+        """After restoring a checkpoint's optimizer and scheduler: train at this run's --student_lr,
+        --router_lr and --weight_decay, not the saved ones.
+
+        The schedule's base rates become the new ones and the current rate is the schedule's value at the
+        restored step from them (a user who lowers a rate after a spike gets the lower rate from the
+        next update on); a change is said in one line. DDP and FSDP alike (both restore into these objects)."""
+        cfg = self.cfg
+        sched = getattr(self.scheduler, "scheduler", self.scheduler)  # accelerate wraps the schedule
+        wanted = {
+            "student": ("student_lr", "weight_decay"),
+            "router": ("router_lr", None),
+            "projection": ("student_lr", "weight_decay"),
+        }
+        changes: dict[str, str] = {}
+        for i, g in enumerate(self.optimizer.param_groups):
+            lr_flag, wd_flag = wanted[g["name"]]
+            new_lr = getattr(cfg, lr_flag)
+            if sched.base_lrs[i] != new_lr:
+                changes.setdefault(lr_flag, f"{lr_flag} {sched.base_lrs[i]:g} → {new_lr:g}")
+                sched.base_lrs[i] = g["initial_lr"] = new_lr
+            new_wd = getattr(cfg, wd_flag) if wd_flag else 0.0
+            if g["weight_decay"] != new_wd:
+                changes.setdefault(wd_flag, f"{wd_flag} {g['weight_decay']:g} → {new_wd:g}")
+                g["weight_decay"] = new_wd
+        if not changes:
+            return
+        for i, g in enumerate(self.optimizer.param_groups):  # the schedule's value at the restored step
+            g["lr"] = sched.base_lrs[i] * sched.lr_lambdas[i](sched.last_epoch)  # (every schedule here is a LambdaLR)
+        sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        order = ("student_lr", "router_lr", "weight_decay")
+        self._log(", ".join(changes[k] for k in order if k in changes) + " from the command line")
 
     def _log(self, msg: str) -> None:
         if self.is_main:
