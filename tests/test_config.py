@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -67,3 +68,41 @@ def test_validation_file_with_a_dataset_is_refused(tiny_pair, tmp_path, capsys):
     rc = main(["train", *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--validation_file goes with --train_file" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--block_size", "1"], "--block_size must be >= 2"),
+        (["--temperature", "inf"], "--temperature must be a finite number > 0 (got inf)"),
+        (["--temperature", "nan"], "--temperature must be a finite number > 0 (got nan)"),
+        (["--student_lr", "inf"], "--student_lr must be a finite number (got inf)"),
+        (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number (got nan)"),
+        (["--seed", "-1"], "--seed must be in [0, 4294967295]"),
+        (["--seed", str(2**32)], "--seed must be in [0, 4294967295]"),
+        (["--max_train_samples", "0"], "--max_train_samples must be >= 1 (got 0)"),
+        (["--max_train_samples", "-1"], "--max_train_samples must be >= 1 (got -1)"),
+        (["--output_dir", "{file}/out"], "is a file, not a directory"),
+        (["--output_dir", "{file}"], "is a file, not a directory"),
+    ],
+)
+def test_numeric_domains_are_refused_before_anything_loads(tiny_pair, tmp_path, capsys, flags, message):
+    # issue 18 item 7: each was accepted (NaN/skipped steps/traceback) or refused only after the models loaded
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    flags = [f.replace("{file}", str(blocker)) for f in flags]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_args([*base_args(tiny_pair, tmp_path / "o"), *flags])
+    rc = main(["train", *base_args(tiny_pair, tmp_path / "o"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists() and blocker.read_text() == "not a folder"
+
+
+def test_a_config_file_cannot_bring_an_infinite_value(tiny_pair, tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"temperature": Infinity, "router_lr": NaN}')
+    with pytest.raises(ConfigError) as e:
+        config_from_args(["--config", str(path), "--train_file", tiny_pair["train"]])
+    assert "--temperature must be a finite number > 0 (got inf)" in str(e.value)
+    assert "--router_lr must be a finite number (got nan)" in str(e.value)

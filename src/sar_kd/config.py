@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import types
 import typing
@@ -450,8 +451,31 @@ def validate_config(cfg: TrainConfig) -> None:
         if not cond:
             problems.append(msg)
 
-    for name in ("block_size", "train_steps", "per_device_batch_size", "grad_accum_steps", "kd_chunk_size"):
+    # inf/NaN pass (or slip past) every comparison below: a number option must be finite first
+    for name, (inner, _, _) in _field_kinds().items():
+        v = getattr(cfg, name)
+        if inner is float and isinstance(v, float) and not math.isfinite(v):
+            problems.append(f"--{name} must be a finite number{' > 0' if name == 'temperature' else ''} (got {v})")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    need(
+        cfg.block_size >= 2, f"--block_size must be >= 2 (a block needs a token and the next one; got {cfg.block_size})"
+    )
+    for name in ("train_steps", "per_device_batch_size", "grad_accum_steps", "kd_chunk_size"):
         need(getattr(cfg, name) > 0, f"--{name} must be > 0 (got {getattr(cfg, name)})")
+    need(0 <= cfg.seed <= 2**32 - 1, f"--seed must be in [0, {2**32 - 1}] (got {cfg.seed})")
+    need(
+        cfg.max_train_samples is None or cfg.max_train_samples >= 1,
+        f"--max_train_samples must be >= 1 (got {cfg.max_train_samples}); leave it out to use every document",
+    )
+    out = Path(cfg.output_dir).expanduser()
+    for folder in (out, *out.parents):  # the nearest existing one must be a folder, or nothing can be written
+        if folder.exists():
+            need(
+                folder.is_dir(),
+                f"--output_dir {cfg.output_dir}: {folder} is a file, not a directory; choose another --output_dir",
+            )
+            break
     for name in ("student_lr", "router_lr", "weight_decay", "max_grad_norm", "warmup_steps", "eval_steps"):
         need(getattr(cfg, name) >= 0, f"--{name} must be >= 0 (got {getattr(cfg, name)})")
     for name in (
@@ -474,7 +498,7 @@ def validate_config(cfg: TrainConfig) -> None:
         "--fsdp with --model_dtype float16 would need a sharded gradient scaler; use --model_dtype bfloat16",
     )
     need(cfg.logging_steps > 0, f"--logging_steps must be > 0 (got {cfg.logging_steps})")
-    need(cfg.temperature > 0, f"--temperature must be > 0 (got {cfg.temperature})")
+    need(cfg.temperature > 0, f"--temperature must be a finite number > 0 (got {cfg.temperature})")
     need(cfg.alpha_kd + cfg.alpha_ce > 0, "--alpha_kd and --alpha_ce are both 0: the student has nothing to learn")
     need(
         cfg.eval_max_batches is None or cfg.eval_max_batches > 0,
