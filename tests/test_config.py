@@ -106,3 +106,47 @@ def test_a_config_file_cannot_bring_an_infinite_value(tiny_pair, tmp_path):
         config_from_args(["--config", str(path), "--train_file", tiny_pair["train"]])
     assert "--temperature must be a finite number > 0 (got inf)" in str(e.value)
     assert "--router_lr must be a finite number (got nan)" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--scheduler_type", "cosine"], "--scheduler_type cosine needs --use_scheduler"),
+        (["--shuffle_buffer_size", "64"], "--shuffle_buffer_size 64 needs --streaming"),
+        (["--lookahead_weight", "2"], "--lookahead_weight 2.0 needs --router_objective lookahead"),
+        (["--lookahead_quiz", "holdout"], "--lookahead_quiz holdout needs --router_objective lookahead"),
+        (["--lookahead_jvp", "finite_difference"], "--lookahead_jvp finite_difference needs --router_objective lookahead"),
+        (["--lookahead_holdout_percentage", "10"], "--lookahead_holdout_percentage 10.0 needs --router_objective lookahead"),
+        (["--router_objective", "lookahead", "--lookahead_holdout_percentage", "10"],
+         "--lookahead_holdout_percentage 10.0 needs --lookahead_quiz holdout"),
+        (["--validation_split_percentage", "10"], "--validation_split_percentage 10.0 applies without --validation_file"),
+        (["--save_steps", "0", "--save_total_limit", "2"], "--save_total_limit 2 needs --save_steps > 0"),
+    ],
+)  # fmt: skip
+def test_flags_that_cannot_act_are_refused(tiny_pair, tmp_path, capsys, flags, message):
+    # issue 18 item 8: each of these was silently ignored
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_args([*base_args(tiny_pair, tmp_path / "o"), *flags])
+    rc = main(["train", *base_args(tiny_pair, tmp_path / "o"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_validation_split_percentage_zero_holds_out_nothing(tiny_pair, tmp_path):
+    # issue 18 item 8: --validation_split_percentage 0 still held out a block
+    from sar_kd.data import num_blocks
+    from sar_kd.trainer import Trainer
+
+    no_val = dict(validation_file=None, train_steps=1, save_steps=0)
+    with pytest.raises(ConfigError, match=re.escape("--validation_split_percentage 0 holds out no validation")):
+        config_from_args(base_args(tiny_pair, tmp_path / "a", validation_split_percentage=0, **no_val))
+    counts = []
+    for pct in (0, 5):
+        t = Trainer(config_from_args(base_args(tiny_pair, tmp_path / f"o{pct}", validation_split_percentage=pct,
+                                               eval_steps=0, **no_val)))  # fmt: skip
+        t.setup()
+        counts.append((num_blocks(t.train_blocks), num_blocks(t.val_blocks) if t.val_blocks else 0))
+        t.controller.remove()
+    (every, none), (trained, held) = counts
+    assert none == 0 and held >= 1 and every == trained + held

@@ -567,6 +567,48 @@ def validate_config(cfg: TrainConfig) -> None:
         cfg.use_scheduler is False or cfg.warmup_steps <= cfg.train_steps,
         f"--warmup_steps ({cfg.warmup_steps}) exceeds --train_steps ({cfg.train_steps})",
     )
+
+    # a flag that cannot act is refused, naming the flag it needs (it would otherwise be silently ignored)
+    def given(name: str) -> bool:
+        return getattr(cfg, name) != TrainConfig.__dataclass_fields__[name].default
+
+    need(
+        cfg.use_scheduler or not given("scheduler_type"),
+        f"--scheduler_type {cfg.scheduler_type} needs --use_scheduler (without it the learning rate is constant)",
+    )
+    need(
+        cfg.streaming or not given("shuffle_buffer_size"),
+        f"--shuffle_buffer_size {cfg.shuffle_buffer_size} needs --streaming (without it every epoch is a full "
+        "shuffle of the blocks)",
+    )
+    for name in ("lookahead_quiz", "lookahead_holdout_percentage", "lookahead_weight", "lookahead_jvp"):
+        need(
+            cfg.router_objective == "lookahead" or not given(name),
+            f"--{name} {getattr(cfg, name)} needs --router_objective lookahead",
+        )
+    need(
+        cfg.router_objective != "lookahead"
+        or cfg.lookahead_quiz == "holdout"
+        or not given("lookahead_holdout_percentage"),
+        f"--lookahead_holdout_percentage {cfg.lookahead_holdout_percentage} needs --lookahead_quiz holdout",
+    )
+    need(
+        cfg.save_total_limit is None or cfg.save_steps > 0,
+        f"--save_total_limit {cfg.save_total_limit} needs --save_steps > 0 (no checkpoint is written)",
+    )
+    if not cfg.streaming:  # (--streaming refuses the percentage itself)
+        need(
+            cfg.validation_file is None or not given("validation_split_percentage"),
+            f"--validation_split_percentage {cfg.validation_split_percentage} applies without --validation_file "
+            "(the validation file is the validation data)",
+        )
+        need(
+            not (
+                cfg.validation_split_percentage == 0 and cfg.eval_steps and cfg.train_file and not cfg.validation_file
+            ),
+            "--validation_split_percentage 0 holds out no validation blocks and there is no --validation_file: "
+            "give --validation_file, a percentage > 0, or --eval_steps 0",
+        )
     has_hub = cfg.dataset_name is not None
     has_files = cfg.train_file is not None
     need(has_hub or has_files, "no training data: give --dataset_name or --train_file")

@@ -270,8 +270,13 @@ class Trainer:
         if val is not None:
             if not val or data.num_blocks(val) == 0:
                 raise ConfigError(f"the validation data holds fewer than --block_size {cfg.block_size} tokens")
-        else:
+        elif cfg.validation_split_percentage > 0:
             train, val = data.split_validation(train, cfg.validation_split_percentage)
+        elif cfg.eval_steps:  # (a --train_file without --validation_file is refused in the config already)
+            raise ConfigError(
+                f"--validation_split_percentage 0 holds out no validation blocks and dataset {cfg.dataset_name!r} "
+                "has no validation split: give a percentage > 0 or --eval_steps 0"
+            )
         if self.mode == "dual":
             self._log_dual_blocks(train, "")
         if self.model.weights.lookahead and cfg.lookahead_quiz == "holdout":
@@ -280,7 +285,8 @@ class Trainer:
         acc = self.accelerator
         self.stream = data.BatchStream(train, cfg.per_device_batch_size, cfg.seed, acc.process_index, acc.num_processes)
         self._log(
-            f"data: {data.num_blocks(train)} train / {data.num_blocks(val)} validation blocks of {cfg.block_size} tokens; "
+            f"data: {data.num_blocks(train)} train / {data.num_blocks(val) if val else 0} validation blocks of "
+            f"{cfg.block_size} tokens; "
             f"effective batch {cfg.effective_batch_size * acc.num_processes} blocks per optimizer step"
         )
 
