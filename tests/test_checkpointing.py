@@ -166,3 +166,32 @@ def test_resume_applies_changed_rates_and_weight_decay(run_sched, tiny_pair, tmp
                      student_lr=3e-4, router_lr=2e-3, weight_decay=0.1, resume_from_checkpoint="latest")  # fmt: skip
     assert main(["train", *more]) == 0
     assert not [r for r in caplog.records if "from the command line" in r.getMessage()]
+
+
+def test_resume_into_another_output_dir_keeps_the_initial_metrics(tiny_pair, tmp_path):
+    # issue 18 item 6: the first evaluation after the resume was reported as the initial_* metrics
+    first = tmp_path / "first"
+    assert main(["train", *base_args(tiny_pair, first, train_steps=4, save_steps=2, eval_steps=2)]) == 0
+    evals = {
+        r["step"]: r for r in map(json.loads, (first / "metrics.jsonl").read_text().splitlines()) if "student_ppl" in r
+    }
+    assert sorted(evals) == [0, 2, 4]
+    # (what an older checkpoint holds: no initial evaluation in its trainer state)
+    old = tmp_path / "old"
+    shutil.copytree(first / "checkpoint-2", old / "checkpoint-2")
+    state = json.loads((old / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state.pop("initial_eval")["student_ppl"] == evals[0]["student_ppl"]
+    (old / "checkpoint-2" / "trainer_state.json").write_text(json.dumps(state))
+
+    for source, carried in ((first, True), (old, False)):
+        second = tmp_path / f"second_{source.name}"
+        args = base_args(tiny_pair, second, train_steps=4, save_steps=2, eval_steps=2,
+                         resume_from_checkpoint=str(source / "checkpoint-2"))  # fmt: skip
+        assert main(["train", *args]) == 0
+        summary = json.loads((second / "summary.json").read_text())
+        assert summary["final_student_ppl"] == pytest.approx(evals[4]["student_ppl"], rel=1e-5)
+        if carried:  # the numbers measured before any training, in the first directory
+            for k in ("student_ppl", "teacher_ppl", "student_bpb", "teacher_bpb"):
+                assert summary[f"initial_{k}"] == evals[0][k], k
+        else:  # not known: left out, never the step-4 evaluation relabelled
+            assert not [k for k in summary if k.startswith("initial_")], summary

@@ -93,10 +93,13 @@ def format_summary(s: dict[str, Any]) -> str:
     for k in ("student_bpb", "teacher_bpb", "student_ppl", "teacher_ppl", "eval_router_entropy"):
         if s.get(f"final_{k}") is not None and s.get(f"initial_{k}") is not None:
             lines.append(f"  {k}: {s[f'initial_{k}']:.4f} -> {s[f'final_{k}']:.4f}")
+        elif s.get(f"final_{k}") is not None:  # resumed from a checkpoint that does not carry the initial numbers
+            lines.append(f"  {k}: {s[f'final_{k}']:.4f} (initial not known)")
     if s.get("final_student_bpb") is not None:
         lines.append("  " + teacher_vs_student(s["final_student_bpb"], s["final_teacher_bpb"]))
     if "final_expert_load" in s:
-        for i, (a, b) in enumerate(zip(s["initial_expert_load"], s["final_expert_load"])):
-            lines.append(f"  router {i} expert load: {a} -> {b}")
+        initial = s.get("initial_expert_load") or [None] * len(s["final_expert_load"])
+        for i, (a, b) in enumerate(zip(initial, s["final_expert_load"])):
+            lines.append(f"  router {i} expert load: {a} -> {b}" if a is not None else f"  router {i} expert load: {b}")
     lines.append(f"  outputs in {s['output_dir']}: student/, router_update.pt, metrics.jsonl")
     return "\n".join(lines)

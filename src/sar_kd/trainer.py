@@ -49,6 +49,9 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.history: list[dict[str, Any]] = []
+        # the evaluation before any training (step 0): the summary's initial_* numbers; carried in every
+        # checkpoint, so a resume (into this output directory or another) reports the run's own
+        self.initial_eval: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -561,10 +564,11 @@ class Trainer:
             self.accelerator.init_trackers("sar_kd", config=flat)
         start = time.perf_counter()
         logged_evals = [h for h in self.history if "student_ppl" in h]  # from before a resume
-        first_eval = logged_evals[0] if logged_evals else None
         last_eval = logged_evals[-1] if logged_evals else None
+        if self.initial_eval is None and logged_evals and logged_evals[0]["step"] == 0:
+            self.initial_eval = logged_evals[0]  # (a checkpoint written before it carried its own)
         if cfg.eval_steps and self.step == 0:
-            first_eval = last_eval = self._record(self.evaluate())
+            self.initial_eval = last_eval = self._record(self.evaluate())
         bar = Progress(cfg.train_steps, self.step, self.is_main)
         while self.step < cfg.train_steps:
             metrics = self.train_step()
@@ -578,8 +582,6 @@ class Trainer:
                 bar.update_to(self.step, metrics, time.perf_counter() - start)
             if cfg.eval_steps and (self.step % cfg.eval_steps == 0 or self.step == cfg.train_steps):
                 last_eval = self._record(self.evaluate())
-                if first_eval is None:
-                    first_eval = last_eval
             if cfg.save_steps and self.step % cfg.save_steps == 0:
                 self.save_checkpoint()
         bar.close()
@@ -594,11 +596,12 @@ class Trainer:
             "mean_tokens_per_s": mean(h.get("tokens_per_s") for h in self.history),
             "output_dir": str(out),
         }
-        if first_eval is not None:
-            for k in ("student_ppl", "teacher_ppl", "student_bpb", "teacher_bpb", "expert_load", "eval_router_entropy"):
-                if k in first_eval:
-                    summary[f"initial_{k}"] = first_eval[k]
-                    summary[f"final_{k}"] = last_eval[k]
+        # initial_*: measured before any training, or left out (a later evaluation is never relabelled)
+        for k in ("student_ppl", "teacher_ppl", "student_bpb", "teacher_bpb", "expert_load", "eval_router_entropy"):
+            if self.initial_eval is not None and k in self.initial_eval:
+                summary[f"initial_{k}"] = self.initial_eval[k]
+            if last_eval is not None and k in last_eval:
+                summary[f"final_{k}"] = last_eval[k]
         self.summary = summary
         if self.is_main:
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -660,7 +663,11 @@ class Trainer:
                 # --streaming: the reader position, shuffle buffer and RNG (the same on every process)
                 self.stream.save_files(where)
 
-        state = {"skipped_steps": self.skipped_steps, "stream": self.stream.checkpoint_state()}
+        state = {
+            "skipped_steps": self.skipped_steps,
+            "stream": self.stream.checkpoint_state(),
+            "initial_eval": self.initial_eval,
+        }
         save_state = None
         if self.cfg.fsdp:
             from . import sharding
@@ -686,6 +693,7 @@ class Trainer:
         self._apply_configured_rates()
         self.step = state["step"]
         self.skipped_steps = state["skipped_steps"]
+        self.initial_eval = state.get("initial_eval")  # absent in older checkpoints: from the metrics, if there
         self.stream.restore(state["stream"], path)
         if self.is_main:
             self.history = checkpointing.drop_later(Path(self.cfg.output_dir), self.step)
