@@ -355,3 +355,41 @@ def test_dual_mode_refuses_slow_tokenizers(tiny_pair, dual_pair, tmp_path, monke
     monkeypatch.setattr(tr, "load_tokenizer", slow)
     rc = main(["train", *base_args(dual_pair, tmp_path / "slow", block_size=64)])
     assert rc == 2 and "slow (Python) tokenizer" in capsys.readouterr().err
+
+
+def test_router_update_is_written_as_safetensors_with_its_metadata(trained, tiny_pair, tmp_path):
+    # issue 18 item 11: the router update was only a pickle (router_update.pt, read with torch.load)
+    import collections
+
+    from safetensors import safe_open
+
+    from sar_kd import __version__
+
+    path = trained / "router_update.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        update = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_pair["teacher"])
+    found = find_routers(teacher)
+    assert set(update) == set(router_params(teacher, found))
+    legacy = torch.load(trained / "router_update.pt", weights_only=True)
+    assert all(torch.equal(update[k], legacy[k]) for k in legacy)
+    assert meta["sar_kd_version"] == __version__ and meta["teacher_model"] == tiny_pair["teacher"]
+    assert json.loads(meta["router_names"]) == [r.name for r in found] and json.loads(meta["router_patterns"]) is None
+    assert (trained / "checkpoint-8" / "router_update.safetensors").is_file()
+
+    # apply-router reads it (and gives what the .pt gives)
+    for name in ("router_update.safetensors", "router_update.pt"):
+        dest = tmp_path / name
+        rc = main(["apply-router", "--teacher_model", tiny_pair["teacher"], "--router_update", str(trained / name),
+                   "--output_dir", str(dest)])  # fmt: skip
+        assert rc == 0
+        adapted = AutoModelForCausalLM.from_pretrained(dest).state_dict()
+        assert all(torch.equal(adapted[k], update[k].to(adapted[k].dtype)) for k in update)
+
+    # a .pt is read with weights_only=True: a pickle of anything but tensors is refused, never run
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": collections.OrderedDict(a=torch.zeros(1)), "y": collections.Counter()}, evil)
+    rc = main(["apply-router", "--teacher_model", tiny_pair["teacher"], "--router_update", str(evil),
+               "--output_dir", str(tmp_path / "no")])  # fmt: skip
+    assert rc == 2 and not (tmp_path / "no").exists()

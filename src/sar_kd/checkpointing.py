@@ -27,7 +27,15 @@ RUN_CONFIG = "sar_kd_config.json"
 TRAINER_STATE = "trainer_state.json"
 METRICS = "metrics.jsonl"
 # What a run writes at the top of OUTPUT (besides checkpoint-N/): removed when a fresh run replaces it.
-RUN_OUTPUTS = (RUN_CONFIG, METRICS, "summary.json", "router_update.pt", "projection.pt", "student")
+RUN_OUTPUTS = (
+    RUN_CONFIG,
+    METRICS,
+    "summary.json",
+    "router_update.safetensors",
+    "router_update.pt",
+    "projection.pt",
+    "student",
+)
 
 # Options that decide which blocks a step sees (and in which order) or what the trained parameters
 # are. A checkpoint written with other values cannot be continued: its data position, optimizer state

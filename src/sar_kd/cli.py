@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import ConfigError, config_from_args, gguf_source
+from .config import ConfigError, config_from_args, gguf_source, model_name
 
 logger = logging.getLogger("sar_kd")
 
@@ -46,11 +46,12 @@ def train_main(argv: list[str] | None = None, prog: str = "sar-kd train") -> int
 
 
 def apply_router_main(argv: list[str] | None = None) -> int:
-    """Write the adapted teacher: the original with the routers from ``router_update.pt``."""
-    import torch
+    """Write the adapted teacher: the original with the routers from ``router_update.safetensors``
+    (or a ``router_update.pt`` of an older version, read with ``weights_only=True``)."""
+    import json
 
     from .loading import load_model, load_tokenizer
-    from .routers import apply_router_update
+    from .routers import apply_router_update, load_router_update
 
     p = argparse.ArgumentParser(prog="sar-kd apply-router", description=apply_router_main.__doc__)
     p.add_argument(
@@ -62,9 +63,18 @@ def apply_router_main(argv: list[str] | None = None) -> int:
         help="The teacher's .gguf file inside the --teacher_model folder (as for training). A GGUF teacher is "
         "dequantised and written as safetensors.",
     )
-    p.add_argument("--router_update", required=True, help="router_update.pt written by sar-kd train.")
+    p.add_argument(
+        "--router_update",
+        required=True,
+        help="router_update.safetensors written by sar-kd train (or router_update.pt of an older version).",
+    )
     p.add_argument("--output_dir", required=True, help="Where the adapted teacher is written.")
-    p.add_argument("--router_patterns", nargs="+", default=None, help="Same as used for training, if any.")
+    p.add_argument(
+        "--router_patterns",
+        nargs="+",
+        default=None,
+        help="Same as used for training, if any (default: those in the update's metadata).",
+    )
     p.add_argument("--overwrite_output_dir", action="store_true", help="Replace an existing output directory.")
     p.add_argument("--trust_remote_code", action="store_true", help="Allow custom model code.")
     a = p.parse_args(argv)
@@ -75,12 +85,17 @@ def apply_router_main(argv: list[str] | None = None) -> int:
     upd_path = Path(a.router_update)
     if not upd_path.is_file():
         raise ConfigError(f"--router_update {upd_path}: no such file")
-    try:
-        update = torch.load(upd_path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"--router_update {upd_path}: not a readable router update ({type(e).__name__})") from e
-    if not isinstance(update, dict) or not all(isinstance(v, torch.Tensor) for v in update.values()):
-        raise ConfigError(f"--router_update {upd_path}: expected a dict of tensors")
+    update, meta = load_router_update(upd_path)
+    if a.router_patterns is None and meta.get("router_patterns"):
+        a.router_patterns = json.loads(meta["router_patterns"])  # the patterns the routers were found with
+    trained_on = meta.get("teacher_model")
+    if trained_on is not None and trained_on != model_name(a.teacher_model, a.teacher_gguf_file):
+        logger.warning(
+            "the router update was trained on teacher %s (sar-kd %s); applying it to %s",
+            trained_on,
+            meta.get("sar_kd_version", "?"),
+            a.teacher_model,
+        )
     teacher = load_model(a.teacher_model, "teacher", "auto", a.trust_remote_code, gguf_file=a.teacher_gguf_file)
     n = apply_router_update(teacher, update, a.router_patterns)
     tmp = out.with_name(out.name + ".tmp")

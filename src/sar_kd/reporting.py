@@ -101,5 +101,5 @@ def format_summary(s: dict[str, Any]) -> str:
         initial = s.get("initial_expert_load") or [None] * len(s["final_expert_load"])
         for i, (a, b) in enumerate(zip(initial, s["final_expert_load"])):
             lines.append(f"  router {i} expert load: {a} -> {b}" if a is not None else f"  router {i} expert load: {b}")
-    lines.append(f"  outputs in {s['output_dir']}: student/, router_update.pt, metrics.jsonl")
+    lines.append(f"  outputs in {s['output_dir']}: student/, router_update.safetensors, metrics.jsonl")
     return "\n".join(lines)

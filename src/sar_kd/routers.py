@@ -367,8 +367,54 @@ class RouterController:
         return records
 
 
+ROUTER_UPDATE = "router_update.safetensors"
+LEGACY_ROUTER_UPDATE = "router_update.pt"
+
+
+def save_router_update(
+    path, update: dict[str, torch.Tensor], teacher_model: str, routers: list[RouterInfo], patterns: list[str] | None
+) -> None:
+    """``router_update.safetensors``: the trained router tensors with what applying them needs in its
+    metadata (the teacher, the router names and patterns, the SAR-KD version)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    meta = {
+        "format": "pt",
+        "sar_kd_version": __version__,
+        "teacher_model": teacher_model,
+        "router_names": json.dumps([r.name for r in routers]),
+        "router_patterns": json.dumps(patterns),
+    }
+    save_file({k: v.contiguous() for k, v in update.items()}, str(path), metadata=meta)
+
+
+def load_router_update(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a router update: ``.safetensors`` (metadata as written by
+    :func:`save_router_update`) or a legacy ``router_update.pt``, read with ``weights_only=True`` (a
+    pickle of anything but tensors is refused, never run; no metadata). A bad file is a :class:`ConfigError`."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+        update = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"--router_update {path}: not a readable router update ({type(e).__name__})") from e
+    if not isinstance(update, dict) or not all(isinstance(v, torch.Tensor) for v in update.values()):
+        raise ConfigError(f"--router_update {path}: expected a dict of tensors")
+    return update, {}
+
+
 def apply_router_update(model: nn.Module, update: dict[str, torch.Tensor], patterns: list[str] | None = None) -> int:
-    """Copy a ``router_update.pt`` dict into ``model``; every key must be one of its router parameters.
+    """Copy a router update (:func:`load_router_update`) into ``model``; every key must be one of its router parameters.
 
     Returns the number of tensors written. Raises :class:`ConfigError` on unknown keys or shape mismatch.
     """

@@ -632,7 +632,7 @@ class Trainer:
         return {n: full_tensor(p.detach()).float().cpu().clone() for n, p in self.model.router_params.items()}
 
     def save_outputs(self, out: Path) -> None:
-        """student/, router_update.pt (and projection.pt in dual mode) into ``out``, written by the main
+        """student/, router_update.safetensors (and .pt), and projection.pt in dual mode, into ``out``, written by the main
         process. Every process calls it (under --fsdp the shards are gathered first)."""
         from .sharding import full_model_state
 
@@ -649,7 +649,10 @@ class Trainer:
         student = self.accelerator.unwrap_model(self.ddp_model).student
         student.save_pretrained(out / "student", state_dict=student_state)
         self.student_tok.save_pretrained(out / "student")
-        torch.save(update, out / "router_update.pt")
+        routers.save_router_update(
+            out / routers.ROUTER_UPDATE, update, self.teacher_name, self.routers, self.cfg.router_patterns
+        )
+        torch.save(update, out / routers.LEGACY_ROUTER_UPDATE)  # (the pickle of older versions, still read)
         if projection is not None:
             torch.save({"layer_pairs": m.layer_pairs, "state_dict": projection}, out / "projection.pt")
 
