@@ -485,3 +485,53 @@ def test_bf16_router_weights_give_an_exact_scale():
     ctl = RouterController(find_routers(model), "native")
     ctl.remove()
     assert set(ctl.specs.values()) == {RoutingSpec("sigmoid", True, 2.5)}
+
+
+# ---------------------------------------------------------------- routers SAR-KD cannot hook: the advice must work
+
+_NATIVE_ONLY = {  # family -> (config overrides, what the refusal says about its routers)
+    "phimoe": (dict(num_local_experts=4, num_experts_per_tok=2), "not a softmax or sigmoid of its logits"),
+    "jetmoe": (dict(num_local_experts=4, num_experts_per_tok=2, kv_channels=8), "not floating logits"),
+}
+
+
+@pytest.mark.parametrize("fam", list(_NATIVE_ONLY))
+def test_refusal_advice_for_unhookable_routers_leads_to_a_finished_run(fam, tiny_pair, tmp_path, capsys, caplog):
+    """Issue 18 item 5: PhiMoE (SparseMixer routing) and JetMoE are refused in one line naming
+    --router_grad native, and that run finishes, routers trained, nothing invented in its summary
+    (JetMoE cannot checkpoint activations: it runs without, said once)."""
+    import json
+    import logging
+
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from conftest import base_args
+    from sar_kd.cli import main
+
+    extra, why = _NATIVE_ONLY[fam]
+    tok = AutoTokenizer.from_pretrained(tiny_pair["teacher"])
+    over = {**COMMON, **extra, "vocab_size": len(tok), "eos_token_id": 0, "pad_token_id": 0, "bos_token_id": 0}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fam, **over))
+    for r in find_routers(model):
+        for p in r.module.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / fam)
+    tok.save_pretrained(tmp_path / fam)
+    args = base_args(tiny_pair, tmp_path / "out", teacher_model=str(tmp_path / fam), train_steps=2, eval_steps=2,
+                     save_steps=0)  # fmt: skip
+    assert main(["train", *args]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert len(err) == 1 and why in err[0] and "--router_grad native" in err[0], err
+    caplog.set_level(logging.INFO, logger="sar_kd")
+    assert main(["train", *args, "--router_grad", "native"]) == 0  # the advice, with the default checkpointing
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and "final_student_bpb" in summary
+    assert "final_expert_load" not in summary and "final_eval_router_entropy" not in summary  # not measured
+    update = load_file(out / "router_update.safetensors")
+    assert update and all(not torch.equal(v, initial[k]) for k, v in update.items())  # the routers trained
+    said = [r.getMessage() for r in caplog.records if "does not support activation checkpointing" in r.getMessage()]
+    assert len(said) == (1 if fam == "jetmoe" else 0), said

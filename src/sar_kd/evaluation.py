@@ -54,16 +54,18 @@ def evaluate(m, routers, val_blocks, cfg, acc, byte_tables: dict[str, torch.Tens
     counts = acc.reduce(counts, reduction="sum")
     m.student.train()
     loads = counts / counts.sum(-1, keepdim=True).clamp(min=1)
-    return {
+    row = {
         "student_ppl": math.exp(totals[0] / totals[1]),
         "teacher_ppl": math.exp(totals[2] / totals[3]),
         "student_bpb": bits_per_byte(float(totals[0]), float(totals[6])),
         "teacher_bpb": bits_per_byte(float(totals[2]), float(totals[7])),
         "eval_tokens": int(totals[1]),
         "eval_bytes": int(totals[6]),
-        "eval_router_entropy": float(totals[4] / totals[5]) if totals[5] > 0 else None,
-        "expert_load": [[round(float(v), 4) for v in row] for row in loads],
     }
+    if totals[5] > 0:  # routers left native and unrecorded (their layout is not understood): not measured
+        row["eval_router_entropy"] = float(totals[4] / totals[5])
+        row["expert_load"] = [[round(float(v), 4) for v in r] for r in loads]
+    return row
 
 
 def rank_share(batches, rank: int, world: int, pad: bool) -> list[tuple[dict, bool]]:

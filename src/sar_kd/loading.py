@@ -232,12 +232,17 @@ def _first_line(e: BaseException) -> str:
     return s.splitlines()[0] if s else ""
 
 
-def enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing of every decoder layer (router logits keep their graph)."""
+def enable_checkpointing(model: nn.Module) -> bool:
+    """Non-reentrant activation checkpointing of every decoder layer (router logits keep their graph).
+
+    False (nothing changed) for a model whose class says it cannot checkpoint (e.g. JetMoE)."""
+    if getattr(model, "supports_gradient_checkpointing", True) is False:
+        return False
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable({"use_reentrant": False})
     else:  # transformers < 5
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return True
 
 
 def set_frozen_teacher_mode(teacher: nn.Module) -> None:

@@ -213,12 +213,14 @@ def find_routers(model: nn.Module, patterns: list[str] | None = None) -> list[Ro
 def router_table(routers: list[RouterInfo]) -> str:
     """A human-readable table of the discovered routers."""
     rows = [("module", "class", "experts", "top_k", "params")]
-    for r in routers:
-        n = sum(p.numel() for p in r.module.parameters(recurse=False))
-        rows.append((r.name, r.kind, str(r.num_experts), str(r.top_k), str(n)))
+    counts = []
+    for r in routers:  # the parameters that train: the router's own and a router-only child's (JetMoE's .layer)
+        own = {f"{r.name}.{n}": p for n, p in r.module.named_parameters()}
+        counts.append(sum(own[n].numel() for n in r.param_names if n in own))
+        rows.append((r.name, r.kind, str(r.num_experts), str(r.top_k), str(counts[-1])))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    total = sum(p.numel() for r in routers for p in r.module.parameters(recurse=False))
+    total = sum(counts)
     lines.append(f"{len(routers)} routers, {total:,} trainable parameters")
     return "\n".join(lines)
 

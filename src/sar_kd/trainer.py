@@ -189,8 +189,12 @@ class Trainer:
             found, cfg.router_grad if train_router else "native", samples=cfg.router_grad_samples
         )
         if cfg.gradient_checkpointing:
-            enable_checkpointing(student)
-            enable_checkpointing(teacher)
+            for role, model in (("student", student), ("teacher", teacher)):
+                if not enable_checkpointing(model):
+                    self._log(
+                        f"{type(model).__name__} ({role}) does not support activation checkpointing: the {role} "
+                        "runs without it (every activation kept)"
+                    )
         student.train()
         set_frozen_teacher_mode(teacher)
         weights = ObjectiveWeights(
