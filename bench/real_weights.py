@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(paths: dict[str, str]) -> int:
     """Print the finished parts' tables (bits per byte with paired intervals against CE only) and timings."""
-    from sar_kd.compare import Comparison, format_table
+    from sar_kd.compare import Comparison, format_table, paired_difference
 
     build = json.loads(Path(paths["build"]).read_text())
     print(f"teacher build: {json.dumps({k: build[k] for k in ('dense_bpb', 'teacher_bpb', 'timings')})}")
@@ -90,6 +91,21 @@ def report(paths: dict[str, str]) -> int:
             continue
         print(f"\n## {part} tokenizer, {steps} steps × 512 tokens, seeds {seeds}\n")
         print(format_table(results, cmp.labels))
+        frozen = "kd_t1" if part == "same" else "xkd_t1"
+        learning = [a for a in arms if a.startswith(("joint", "lookahead"))]
+        if frozen in arms and learning:
+            print(
+                f"\nRouter learning against the frozen router at the same temperature ({cmp.labels[frozen]}), paired:\n"
+            )
+            print("| arm | student bits/byte minus frozen (95% CI) | teacher bits/byte after |\n|---|---|---|")
+            for a in learning:
+                r = results["arms"][a]
+                d = paired_difference(r["student_bpb"]["values"], results["arms"][frozen]["student_bpb"]["values"])
+                lo, hi = d["ci95"] or (math.nan, math.nan)
+                t = r["teacher_bpb"]
+                print(
+                    f"| {cmp.labels[a]} | {d['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]: {d['verdict']} | {t['mean']:.4f} ± {t['sd']:.4f} |"
+                )
         print("\n| arm | seconds per run | seconds per step (evaluations included) |\n|---|---|---|")
         for arm, t in run_seconds(cmp).items():
             print(f"| {cmp.labels[arm]} | {t['run_s']:.0f} | {t['step_s']:.2f} |")

