@@ -83,9 +83,12 @@ def report(paths: dict[str, str]) -> int:
         part, steps = d.name.split("-")
         arms = [a for a in ARMS[part] if (d / "runs" / f"{a}-seed0" / "summary.json").is_file()]
         seeds = sorted({int(r.name.rsplit("seed", 1)[1]) for r in (d / "runs").glob("*-seed*")})
-        cmp = Comparison(d, [], {a: [] for a in arms}, seeds, baseline="ce", labels={a: ARMS[part][a][0] for a in arms})
         try:
+            labels = {a: ARMS[part][a][0] for a in arms}
+            cmp = Comparison(d, [], {a: [] for a in arms}, seeds, baseline="ce", labels=labels)
             results = cmp.results()
+            if any("student_bpb" not in r for r in results["arms"].values()):
+                raise ValueError("runs without bits per byte (written by an older sar_kd)")
         except Exception as e:  # an arm with unfinished seeds
             print(f"\n## {d.name}: incomplete ({e})")
             continue

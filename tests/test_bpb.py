@@ -104,3 +104,25 @@ def test_every_evaluation_reports_bits_per_byte_against_a_plain_reference(tiny_p
     )
     assert evals[-1]["eval_bytes"] == n_bytes
     assert evals[-1]["student_bpb"] == pytest.approx(float(nll) / (math.log(2) * n_bytes), rel=1e-4)
+
+
+class _StubTokenizer:
+    """A remote-code tokenizer without ``backend_tokenizer``: only ids -> pieces."""
+
+    def __init__(self, pieces, special=()):
+        self.pieces, self.all_special_ids = pieces, list(special)
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self.pieces[i] for i in ids]
+
+
+def test_token_bytes_of_tokenizers_without_a_tokenizer_json():
+    # GPT-2 alphabet without a tokenizer.json: Ġ is a space (1 byte), Ã© two bytes of "é"
+    byte_level = _StubTokenizer(["<|endoftext|>", "Ġthe", "Ċ", "Ã©", "the", "Ġa"], special=[0])
+    assert token_byte_lengths(byte_level).tolist() == [0, 4, 1, 2, 3, 2]
+    # tiktoken-style pieces are the bytes themselves
+    tiktoken_like = _StubTokenizer([b"<s>", b" the", "é".encode(), b"\n"], special=[0])
+    assert token_byte_lengths(tiktoken_like).tolist() == [0, 4, 2, 1]

@@ -61,6 +61,7 @@ def evaluate(m, routers, val_blocks, cfg, acc, byte_tables: dict[str, torch.Tens
         "teacher_bpb": bits_per_byte(float(totals[2]), float(totals[7])),
         "eval_tokens": int(totals[1]),
         "eval_bytes": int(totals[6]),
+        "eval_teacher_bytes": int(totals[7]),  # dual mode: the same text, less each block's first token
     }
     if totals[5] > 0:  # routers left native and unrecorded (their layout is not understood): not measured
         row["eval_router_entropy"] = float(totals[4] / totals[5])

@@ -73,7 +73,7 @@ def dual_student(paths: dict[str, str]) -> str:
     from .toy import save_random_model, tiny_llama_config, train_bpe_tokenizer
 
     root = Path(paths["student"]).parent / f"student_bpe{DUAL_VOCAB}"
-    if (root / "config.json").is_file():
+    if (root / "READY").is_file():
         return str(root)
     docs = [json.loads(x)["text"] for x in Path(paths["train"]).read_text().splitlines()]
     tok = train_bpe_tokenizer(docs, DUAL_VOCAB, root / "tok")
@@ -84,6 +84,7 @@ def dual_student(paths: dict[str, str]) -> str:
         pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
     )  # fmt: skip
     save_random_model(conf, root, seed=r.seed, tokenizer=tok, router_std=None)
+    (root / "READY").write_text("ok\n")
     return str(root)
 
 

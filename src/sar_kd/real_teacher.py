@@ -175,7 +175,17 @@ def _bits_per_byte(model, blocks: torch.Tensor, byte_table: torch.Tensor) -> flo
 
 
 def cache_key(recipe: Recipe, gguf: Path) -> str:
-    spec = json.dumps({"recipe": asdict(recipe), "gguf_size": gguf.stat().st_size}, sort_keys=True)
+    """The recipe, the GGUF file (size and a hash of its first MiB) and the Python minor version (whose
+    standard library is the Python domain's text)."""
+    import sys
+
+    with gguf.open("rb") as f:
+        head = hashlib.sha1(f.read(1 << 20)).hexdigest()
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    spec = json.dumps(
+        {"recipe": asdict(recipe), "gguf_size": gguf.stat().st_size, "gguf_head": head, "python": python},
+        sort_keys=True,
+    )
     return hashlib.sha1(spec.encode()).hexdigest()[:10]
 
 
