@@ -150,3 +150,12 @@ def test_validation_split_percentage_zero_holds_out_nothing(tiny_pair, tmp_path)
         t.controller.remove()
     (every, none), (trained, held) = counts
     assert none == 0 and held >= 1 and every == trained + held
+
+
+def test_default_temperature_is_the_measured_one_and_t2_gets_a_note():
+    from sar_kd.config import TrainConfig, temperature_note
+
+    assert TrainConfig().temperature == 1.0 and temperature_note(TrainConfig()) is None
+    note = temperature_note(TrainConfig(temperature=2.0))
+    assert note.startswith("--temperature 2: ") and "docs/results_real.md" in note and "\n" not in note
+    assert temperature_note(TrainConfig(temperature=2.0, alpha_kd=0.0)) is None  # CE only: no KD to advise on
