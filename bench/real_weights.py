@@ -109,7 +109,7 @@ def report(paths: dict[str, str]) -> int:
                 print(
                     f"| {cmp.labels[a]} | {d['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]: {d['verdict']} | {t['mean']:.4f} ± {t['sd']:.4f} |"
                 )
-        print("\n| arm | seconds per run | seconds per step (evaluations included) |\n|---|---|---|")
+        print("\n| arm | seconds per run | training seconds per step (median over seeds) |\n|---|---|---|")
         for arm, t in run_seconds(cmp).items():
             print(f"| {cmp.labels[arm]} | {t['run_s']:.0f} | {t['step_s']:.2f} |")
     return 0

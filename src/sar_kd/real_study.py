@@ -105,13 +105,20 @@ def comparison(part: str, steps: int, paths: dict[str, str], arms: list[str] | N
 
 
 def run_seconds(cmp) -> dict[str, dict]:
-    """Per arm: mean wall seconds per run and per optimizer step (evaluations included)."""
+    """Per arm: mean wall seconds per run (evaluations included) and the median over seeds of the
+    training seconds per optimizer step (tokens per step / the run's mean tokens per second), which is
+    less disturbed by other jobs sharing the machine than the mean."""
+    import statistics
+
     out = {}
     for arm in cmp.arms:
-        walls, steps = [], []
+        walls, step_s = [], []
         for seed in cmp.seeds:
-            s = json.loads((cmp.run_dir(arm, seed) / "summary.json").read_text())
+            run = cmp.run_dir(arm, seed)
+            s = json.loads((run / "summary.json").read_text())
+            c = json.loads((run / "sar_kd_config.json").read_text())["config"]
+            tokens = c["block_size"] * c["per_device_batch_size"] * c["grad_accum_steps"]
             walls.append(s["wall_time_s"])
-            steps.append(s["steps"])
-        out[arm] = {"run_s": sum(walls) / len(walls), "step_s": sum(walls) / sum(steps)}
+            step_s.append(tokens / s["mean_tokens_per_s"])
+        out[arm] = {"run_s": statistics.fmean(walls), "step_s": statistics.median(step_s)}
     return out
