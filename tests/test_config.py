@@ -159,3 +159,12 @@ def test_default_temperature_is_the_measured_one_and_t2_gets_a_note():
     note = temperature_note(TrainConfig(temperature=2.0))
     assert note.startswith("--temperature 2: ") and "docs/results_real.md" in note and "\n" not in note
     assert temperature_note(TrainConfig(temperature=2.0, alpha_kd=0.0)) is None  # CE only: no KD to advise on
+
+
+def test_a_kd_heavy_cross_tokenizer_run_gets_the_measured_mix_in_one_line():
+    from sar_kd.config import TrainConfig, dual_alpha_note
+
+    note = dual_alpha_note(TrainConfig())
+    assert "--alpha_kd 0.5 --alpha_ce 0.5" in note and "docs/results_real.md" in note and "\n" not in note
+    assert dual_alpha_note(TrainConfig(alpha_kd=0.5, alpha_ce=0.5)) is None
+    assert dual_alpha_note(TrainConfig(dual_loss="hidden")) is None  # the MSE term: not what was measured

@@ -80,5 +80,5 @@ def test_lookahead_quiz_direction_is_the_global_one(tiny_pair, tmp_path):
             assert abs(d[key] - s[key]) <= 1e-4 * abs(s[key]), (key, d, s)
     a = torch.load(tmp_path / "p2" / "rank0_of_2.pt", weights_only=True)
     b = torch.load(tmp_path / "p1" / "rank0_of_1.pt", weights_only=True)
-    for k in b:
-        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    for k in b:  # Adam turns float noise in a near-zero gradient element into up to ~lr: 1e-5 is 1% of a step
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k

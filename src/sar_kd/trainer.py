@@ -15,7 +15,15 @@ import torch
 
 from . import checkpointing, data, routers
 from .bpb import token_byte_lengths
-from .config import ConfigError, TrainConfig, model_name, parse_layer_pairs, temperature_note, validate_config
+from .config import (
+    ConfigError,
+    TrainConfig,
+    dual_alpha_note,
+    model_name,
+    parse_layer_pairs,
+    temperature_note,
+    validate_config,
+)
 from .evaluation import model_inputs
 from .heads import OutputHead, check_head
 from .loading import (
@@ -226,9 +234,9 @@ class Trainer:
             )
         if not weights.needs_teacher:
             self._log("--alpha_kd 0 and no teacher CE: a CE-only run, the teacher is not run while training")
-        note = temperature_note(cfg)
-        if note and self.is_main:
-            logger.warning(note)
+        for note in (temperature_note(cfg), dual_alpha_note(cfg) if self.mode == "dual" else None):
+            if note and self.is_main:
+                logger.warning(note)
         projection, pairs, vocab_map = None, None, None
         if self.mode == "dual" and cfg.dual_loss in ("logit", "both"):
             from .vocab_map import load_or_build_vocab_map
