@@ -158,20 +158,23 @@ def load_dense(gguf: Path):
 
 
 def _bits_per_byte(model, blocks: torch.Tensor, byte_table: torch.Tensor) -> float:
-    import math
+    """Held-out bits per byte of ``model`` on ``blocks`` ([N, T] ids), as the trainer's evaluation counts it."""
+    from .bpb import bits_per_byte, label_bytes
+    from .losses import shift_labels
 
     nll, n_bytes = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(blocks), 4):
             ids = blocks[i : i + 4]
-            logits = model(input_ids=ids).logits[:, :-1].float()
+            labels = shift_labels(ids)
+            logits = model(input_ids=ids).logits.float()
             nll += float(
                 torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
                 )
             )
-            n_bytes += int(byte_table[ids[:, 1:]].sum())
-    return nll / (math.log(2) * n_bytes)
+            n_bytes += int(label_bytes(labels, byte_table))
+    return bits_per_byte(nll, n_bytes)
 
 
 def cache_key(recipe: Recipe, gguf: Path) -> str:
