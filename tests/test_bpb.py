@@ -86,6 +86,8 @@ def test_every_evaluation_reports_bits_per_byte_against_a_plain_reference(tiny_p
     for k in ("student_bpb", "teacher_bpb"):
         assert summary[f"final_{k}"] == evals[-1][k] and summary[f"initial_{k}"] == evals[0][k]
     assert json.loads((out / "summary.json").read_text())["final_student_bpb"] == evals[-1]["student_bpb"]
+    saved = json.loads((out / "sar_kd_config.json").read_text())  # unset weights: the one-tokenizer defaults
+    assert saved["mode"] == "logit" and (saved["config"]["alpha_kd"], saved["config"]["alpha_ce"]) == (0.9, 0.1)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -164,7 +164,21 @@ def test_default_temperature_is_the_measured_one_and_t2_gets_a_note():
 def test_a_kd_heavy_cross_tokenizer_run_gets_the_measured_mix_in_one_line():
     from sar_kd.config import TrainConfig, dual_alpha_note
 
-    note = dual_alpha_note(TrainConfig())
-    assert "--alpha_kd 0.5 --alpha_ce 0.5" in note and "docs/results_real.md" in note and "\n" not in note
+    note = dual_alpha_note(TrainConfig(alpha_kd=0.9, alpha_ce=0.1))
+    assert "0.5 / 0.5" in note and "docs/results_real.md" in note and "\n" not in note
+    assert dual_alpha_note(TrainConfig()) is None  # the two-tokenizer defaults are the measured mix
     assert dual_alpha_note(TrainConfig(alpha_kd=0.5, alpha_ce=0.5)) is None
-    assert dual_alpha_note(TrainConfig(dual_loss="hidden")) is None  # the MSE term: not what was measured
+    assert dual_alpha_note(TrainConfig(alpha_kd=0.9, alpha_ce=0.1, dual_loss="hidden")) is None  # not measured
+
+
+def test_unset_loss_weights_take_the_defaults_of_the_mode():
+    from sar_kd.config import TrainConfig, resolve_alphas, with_mode_alphas
+
+    for mode, (kd, ce) in (("logit", (0.9, 0.1)), ("dual", (0.5, 0.5))):
+        cfg = TrainConfig()
+        line = resolve_alphas(cfg, mode)
+        assert (cfg.alpha_kd, cfg.alpha_ce) == (kd, ce) and f"alpha_kd {kd:g}, alpha_ce {ce:g}" in line
+        assert resolve_alphas(cfg, mode) is None  # nothing left to fill
+    given = TrainConfig(alpha_kd=0.7)
+    assert "alpha_ce 0.5" in resolve_alphas(given, "dual") and (given.alpha_kd, given.alpha_ce) == (0.7, 0.5)
+    assert with_mode_alphas({"alpha_kd": None, "alpha_ce": 0.3}, None) == {"alpha_kd": 0.9, "alpha_ce": 0.3}

@@ -131,6 +131,8 @@ def test_dual_cli_end_to_end(dual_pair, tmp_path):
     assert len(steps) == 4 and all(r["hidden_mse"] > 0 and r["align_coverage"] >= 0.99 for r in steps)
     assert all(r["teacher_ce"] > 0 for r in steps)  # computed (in chunks) because its weight is > 0
     assert [r["step"] for r in evals] == [0, 2, 4] and all(r["teacher_ppl"] > 1 for r in evals)
+    saved = json.loads((out / "sar_kd_config.json").read_text())  # unset weights: the two-tokenizer defaults
+    assert saved["mode"] == "dual" and (saved["config"]["alpha_kd"], saved["config"]["alpha_ce"]) == (0.5, 0.5)
     student = AutoModelForCausalLM.from_pretrained(out / "student")
     assert student.config.vocab_size == 49152
     assert len(AutoTokenizer.from_pretrained(out / "student")) == 49152

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, with_mode_alphas
 
 logger = logging.getLogger("sar_kd")
 
@@ -196,7 +196,7 @@ def resume_mismatches(path: Path, cfg: TrainConfig, num_processes: int) -> list[
         state = json.loads((path / TRAINER_STATE).read_text())
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"--resume_from_checkpoint {path}: cannot read its saved config ({e})") from e
-    new = cfg.to_dict()
+    new = with_mode_alphas(cfg.to_dict(), record.get("mode"))  # unset weights: the saved run's mode's defaults
     diffs = [
         f"{k} {json.dumps(old.get(k))} -> {json.dumps(new[k])}"
         for k in RESUME_KEYS

@@ -163,7 +163,7 @@ class Comparison:
         """``key old -> new`` for each flag in which a run this comparison would reuse (finished, or
         resumed from its checkpoints) differs from the arm's; refused unless ``restart_changed``."""
         from .checkpointing import RUN_CONFIG, list_checkpoints
-        from .config import config_from_args
+        from .config import config_from_args, with_mode_alphas
 
         run_dir = self.run_dir(arm, seed)
         finished = (run_dir / "summary.json").is_file()
@@ -178,10 +178,11 @@ class Comparison:
         for path in saved:
             if not path.is_file():
                 continue
-            old = json.loads(path.read_text())["config"]
-            for k in new:
-                if k not in ignore and old.get(k) != new[k]:
-                    diffs.setdefault(k, f"{k} {json.dumps(old.get(k))} -> {json.dumps(new[k])}")
+            record = json.loads(path.read_text())
+            old, resolved = record["config"], with_mode_alphas(new, record.get("mode"))
+            for k in resolved:
+                if k not in ignore and old.get(k) != resolved[k]:
+                    diffs.setdefault(k, f"{k} {json.dumps(old.get(k))} -> {json.dumps(resolved[k])}")
         if diffs and not self.restart_changed:
             what = "was made" if finished else "was interrupted and its checkpoints were made"
             raise ConfigError(

@@ -16,19 +16,24 @@ import json
 from pathlib import Path
 
 FROZEN = ["--router_lr", "0", "--router_grad", "native"]
+A90 = ["--alpha_kd", "0.9", "--alpha_ce", "0.1"]  # explicit: the defaults depend on the mode
 ARMS = {
     "same": {
         "ce": ("CE only (no teacher)", ["--alpha_kd", "0", "--alpha_ce", "1", *FROZEN]),
-        "kd_t2": ("KD, router frozen, T 2, α_kd 0.9 (the spec's)", ["--temperature", "2", *FROZEN]),
-        "kd_t1": ("KD, router frozen, T 1, α_kd 0.9", ["--temperature", "1", *FROZEN]),
+        "kd_t2": ("KD, router frozen, T 2, α_kd 0.9 (the spec's)", ["--temperature", "2", *A90, *FROZEN]),
+        "kd_t1": ("KD, router frozen, T 1, α_kd 0.9", ["--temperature", "1", *A90, *FROZEN]),
         "kd_t1_a5": (
             "KD, router frozen, T 1, α_kd 0.5, α_ce 0.5",
             ["--temperature", "1", "--alpha_kd", "0.5", "--alpha_ce", "0.5", *FROZEN],
         ),
-        "joint_t1": ("SAR-KD joint (router learns, lr 5e-4), T 1", ["--temperature", "1", "--router_lr", "5e-4"]),
+        "joint_t1": (
+            "SAR-KD joint (router learns, lr 5e-4), T 1",
+            ["--temperature", "1", *A90, "--router_lr", "5e-4"],
+        ),
         "lookahead_t1": (
             "SAR-KD lookahead (router learns), T 1",
             [
+                *A90,
                 "--temperature",
                 "1",
                 "--router_lr",
@@ -42,8 +47,11 @@ ARMS = {
     },
     "dual": {
         "ce": ("CE only (no teacher)", ["--alpha_kd", "0", "--alpha_ce", "1", *FROZEN]),
-        "xkd_t2": ("cross-tokenizer KD, router frozen, T 2, α_kd 0.9 (the spec's)", ["--temperature", "2", *FROZEN]),
-        "xkd_t1": ("cross-tokenizer KD, router frozen, T 1, α_kd 0.9", ["--temperature", "1", *FROZEN]),
+        "xkd_t2": (
+            "cross-tokenizer KD, router frozen, T 2, α_kd 0.9 (the spec's)",
+            ["--temperature", "2", *A90, *FROZEN],
+        ),
+        "xkd_t1": ("cross-tokenizer KD, router frozen, T 1, α_kd 0.9", ["--temperature", "1", *A90, *FROZEN]),
         "xkd_t1_a5": (
             "cross-tokenizer KD, router frozen, T 1, α_kd 0.5, α_ce 0.5",
             ["--temperature", "1", "--alpha_kd", "0.5", "--alpha_ce", "0.5", *FROZEN],

@@ -21,6 +21,7 @@ from .config import (
     dual_alpha_note,
     model_name,
     parse_layer_pairs,
+    resolve_alphas,
     temperature_note,
     validate_config,
 )
@@ -134,6 +135,9 @@ class Trainer:
 
         same, why = compare_tokenizers(self.teacher_tok, self.student_tok)
         self.mode = "logit" if same else "dual"
+        filled = resolve_alphas(cfg, self.mode)
+        if filled:
+            self._log(filled)
         self._log(
             f"tokenizers {'compatible' if same else 'differ'} ({why}): "
             + (
