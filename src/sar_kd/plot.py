@@ -101,11 +101,15 @@ def run_figure(out: Path):
     if not steps:
         raise ConfigError(f"{out}/metrics.jsonl holds no training steps yet")
     cfg = read_run_config(out)
+    # a weight left unset (None) takes its mode's default, which is > 0
     trained = {
-        "kd_loss": cfg.get("alpha_kd", 1) > 0,
-        "ce_loss": cfg.get("alpha_ce", 1) > 0,
-        "teacher_ce": cfg.get("router_teacher_ce_weight", 1) > 0,
-        "router": cfg.get("router_lr", 1) > 0,
+        k: (v := cfg.get(key, 1)) is None or v > 0
+        for k, key in (
+            ("kd_loss", "alpha_kd"),
+            ("ce_loss", "alpha_ce"),
+            ("teacher_ce", "router_teacher_ce_weight"),
+            ("router", "router_lr"),
+        )
     }
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     x = [r["step"] for r in steps]
