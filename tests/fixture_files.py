@@ -28,5 +28,7 @@ def unpack_real_tokenizers(root: Path) -> dict[str, Path]:
 
 
 def wikitext_text() -> str:
-    """WikiText-2 raw validation split (CC BY-SA 3.0)."""
-    return lzma.decompress((FIXTURES / "wiki.valid.raw.xz").read_bytes()).decode("utf-8")
+    """WikiText-2 raw validation split (CC BY-SA 3.0), the copy the package ships."""
+    from sar_kd.toy import wikitext_text as bundled
+
+    return bundled()

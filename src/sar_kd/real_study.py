@@ -17,6 +17,7 @@ from pathlib import Path
 
 FROZEN = ["--router_lr", "0", "--router_grad", "native"]
 A90 = ["--alpha_kd", "0.9", "--alpha_ce", "0.1"]  # explicit: the defaults depend on the mode
+A50 = ["--alpha_kd", "0.5", "--alpha_ce", "0.5"]
 ARMS = {
     "same": {
         "ce": ("CE only (no teacher)", ["--alpha_kd", "0", "--alpha_ce", "1", *FROZEN]),
@@ -24,7 +25,7 @@ ARMS = {
         "kd_t1": ("KD, router frozen, T 1, α_kd 0.9", ["--temperature", "1", *A90, *FROZEN]),
         "kd_t1_a5": (
             "KD, router frozen, T 1, α_kd 0.5, α_ce 0.5",
-            ["--temperature", "1", "--alpha_kd", "0.5", "--alpha_ce", "0.5", *FROZEN],
+            ["--temperature", "1", *A50, *FROZEN],
         ),
         "joint_t1": (
             "SAR-KD joint (router learns, lr 5e-4), T 1",
@@ -54,7 +55,7 @@ ARMS = {
         "xkd_t1": ("cross-tokenizer KD, router frozen, T 1, α_kd 0.9", ["--temperature", "1", *A90, *FROZEN]),
         "xkd_t1_a5": (
             "cross-tokenizer KD, router frozen, T 1, α_kd 0.5, α_ce 0.5",
-            ["--temperature", "1", "--alpha_kd", "0.5", "--alpha_ce", "0.5", *FROZEN],
+            ["--temperature", "1", *A50, *FROZEN],
         ),
     },
 }
@@ -77,8 +78,8 @@ def common_flags(paths: dict[str, str], student: str, steps: int) -> list[str]:
 
 def dual_student(paths: dict[str, str]) -> str:
     """A random student like the same-tokenizer one, on its own BPE (8,192 tokens) of the training text."""
-    from .real_teacher import Recipe
-    from .toy import save_random_model, tiny_llama_config, train_bpe_tokenizer
+    from .real_teacher import Recipe, student_config
+    from .toy import save_random_model, train_bpe_tokenizer
 
     root = Path(paths["student"]).parent / f"student_bpe{DUAL_VOCAB}"
     if (root / "READY").is_file():
@@ -86,11 +87,7 @@ def dual_student(paths: dict[str, str]) -> str:
     docs = [json.loads(x)["text"] for x in Path(paths["train"]).read_text().splitlines()]
     tok = train_bpe_tokenizer(docs, DUAL_VOCAB, root / "tok")
     r = Recipe()
-    conf = tiny_llama_config(
-        len(tok), hidden=r.student_hidden, layers=r.student_layers, num_attention_heads=r.student_heads,
-        num_key_value_heads=max(1, r.student_heads // 2), eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
-    )  # fmt: skip
+    conf = student_config(r, tok)
     save_random_model(conf, root, seed=r.seed, tokenizer=tok, router_std=None)
     (root / "READY").write_text("ok\n")
     return str(root)

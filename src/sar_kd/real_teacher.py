@@ -12,7 +12,6 @@ teacher's routing accuracy and bits per byte beside the dense model's).
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import importlib.util
 import json
@@ -20,7 +19,6 @@ import logging
 import sysconfig
 import time
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -80,10 +78,10 @@ def require_real_weights() -> Path:
 def domain_documents() -> dict[str, tuple[list[str], list[str]]]:
     """Per domain, (training documents, held-out documents): the held-out tenth is the end of the
     WikiText and Shakespeare text and every tenth standard-library file."""
-    with resources.files("sar_kd.assets").joinpath("wikitext2_valid.raw.gz").open("rb") as f:
-        wiki_lines = [ln.strip() for ln in gzip.decompress(f.read()).decode("utf-8").splitlines()]
+    from .toy import shakespeare_text, wikitext_text
+
+    wiki_lines = [ln.strip() for ln in wikitext_text().splitlines()]
     wiki = [ln for ln in wiki_lines if ln and not ln.startswith("= ")]
-    from .toy import shakespeare_text
 
     speeches = [s.strip() for s in shakespeare_text().split("\n\n") if s.strip()]
     plays = ["\n\n".join(speeches[i : i + 8]) for i in range(0, len(speeches), 8)]
@@ -177,6 +175,22 @@ def _bits_per_byte(model, blocks: torch.Tensor, byte_table: torch.Tensor) -> flo
     return bits_per_byte(nll, n_bytes)
 
 
+def student_config(recipe: Recipe, tok):
+    """The random student's Llama config (the recipe's shape) on tokenizer ``tok``."""
+    from .toy import tiny_llama_config
+
+    return tiny_llama_config(
+        len(tok),
+        hidden=recipe.student_hidden,
+        layers=recipe.student_layers,
+        num_attention_heads=recipe.student_heads,
+        num_key_value_heads=max(1, recipe.student_heads // 2),
+        bos_token_id=tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
 def cache_key(recipe: Recipe, gguf: Path) -> str:
     """The recipe, the GGUF file (size and a hash of its first MiB) and the Python minor version (whose
     standard library is the Python domain's text)."""
@@ -197,7 +211,7 @@ def build_real_pair(cache: Path, recipe: Recipe = Recipe(), gguf: Path | None = 
     ``cache/real-<key>``; returns their paths. See the module docstring for what is built."""
     from .bpb import token_byte_lengths
     from .data import pack_token_blocks
-    from .toy import save_random_model, tiny_llama_config
+    from .toy import save_random_model
     from .upcycle import fit_routers, mlp_state, routing_accuracy, train_branch, upcycle
 
     gguf = gguf or require_real_weights()
@@ -248,16 +262,7 @@ def build_real_pair(cache: Path, recipe: Recipe = Recipe(), gguf: Path | None = 
     logger.info("real pair: teacher held-out bits/byte %s; routing accuracy by layer %s", teacher_bpb, accuracy)
     moe.save_pretrained(str(paths["teacher"]))
     tok.save_pretrained(str(paths["teacher"]))
-    s_conf = tiny_llama_config(
-        len(tok),
-        hidden=recipe.student_hidden,
-        layers=recipe.student_layers,
-        num_attention_heads=recipe.student_heads,
-        num_key_value_heads=max(1, recipe.student_heads // 2),
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    s_conf = student_config(recipe, tok)
     save_random_model(s_conf, paths["student"], seed=recipe.seed, tokenizer=tok, router_std=None)
     paths.update(write_text(root, recipe))
     timings["total_s"] = time.perf_counter() - t0

@@ -19,6 +19,12 @@ def shakespeare_text() -> str:
         return gzip.decompress(f.read()).decode("utf-8")
 
 
+def wikitext_text() -> str:
+    """The bundled WikiText-2 raw validation split (Merity et al. 2016, CC BY-SA 3.0, 1.1 MB)."""
+    with resources.files("sar_kd.assets").joinpath("wikitext2_valid.raw.gz").open("rb") as f:
+        return gzip.decompress(f.read()).decode("utf-8")
+
+
 def train_bpe_tokenizer(texts: list[str], vocab_size: int, path: str | Path, seed_alphabet: bool = True):
     """Train a byte-level BPE tokenizer (fast, with offsets) on ``texts`` and save it to ``path``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
